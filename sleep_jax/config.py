@@ -1,0 +1,238 @@
+"""Typed configs: dataclasses validated by OmegaConf, a YAML file plus dotted overrides.
+
+`load_config("experiments/tiny.yaml", ["train.steps=10"])` returns a `Config` whose fields
+are plain Python values. Every error (unknown key, wrong type, malformed YAML, missing file)
+is a `ConfigError` carrying one line that names the key; the CLI prints it without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+
+class ConfigError(ValueError):
+  """A bad config: the message is one line and names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+  kind: str = "transformer"  # transformer | hybrid
+  vocab_size: int = 256
+  d_model: int = 128
+  n_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  n_layers: int = 2  # transformer depth; hybrid depth = len(layer_pattern) * pattern_repeats
+  layer_pattern: list[str] = field(default_factory=lambda: ["attn", "gdn"])
+  pattern_repeats: int = 1
+  max_len: int = 2048  # RoPE table length
+  rope_base: float = 10000.0
+  # Attention eviction: none (full causal), hard (KV cache cleared every `sleep.chunk_len`
+  # tokens), sliding (the last chunk_len - 1 tokens stay visible).
+  eviction: str = "none"
+  gdn_conv: int = 4  # short causal convolution width in GDN blocks
+  gdn_chunk: int = 64  # chunk size of the chunkwise gated delta rule
+  compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32: master weights)
+  remat: bool = True  # rematerialise each layer in the backward pass
+  scan_layers: bool = True  # stacked parameters + lax.scan over layers
+  init_std: float = 0.02
+
+
+@dataclass
+class SleepConfig:
+  passes: int = 1  # N: passes of the whole stack over each consolidation chunk
+  chunk_len: int = 32  # L: chunk length (and KV-cache bound)
+  truncate_passes: int = 0  # >0: back-propagate through the last K passes only
+  adaptive_tol: float = 0.0  # >0 (inference): stop sleeping once |dS|/|S| < tol
+  warmup_gdn_steps: int = 0  # sliding-window recipe: train only GDN layers, hard eviction
+
+
+@dataclass
+class DataConfig:
+  source: str = "task"  # task | text
+  task: str = "rule110"
+  task_options: dict[str, Any] = field(default_factory=dict)
+  eval_task_options: dict[str, Any] = field(default_factory=dict)  # overrides for eval split
+  text_path: Optional[str] = None  # plain-text corpus for source=text
+  seq_len: int = 128  # tokens per example (examples are padded/cropped to this)
+  data_dir: str = "~/.cache/sleep_jax/datasets"
+  train_examples: int = 20000
+  eval_examples: int = 1000
+  prefetch: int = 2  # batches prepared ahead by grain worker threads
+
+
+@dataclass
+class TrainConfig:
+  steps: int = 100
+  batch_size: int = 32  # global batch (examples per optimizer step)
+  grad_accum: int = 1  # micro-batches per step
+  lr: float = 3e-3
+  warmup_steps: int = 10
+  min_lr_ratio: float = 0.1  # cosine decay floor
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.95
+  clip_norm: float = 1.0
+  log_every: int = 1
+  eval_every: int = 0  # 0: only at the end
+  eval_batches: int = 4
+
+
+@dataclass
+class MeshConfig:
+  data: int = -1  # -1 fills the remaining devices
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+  every: int = 50
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclass
+class DistributedConfig:
+  # Multi-host: "auto" initialises jax.distributed when the environment names a cluster
+  # (SLURM, TPU pod, or SLEEP_JAX_COORDINATOR); "off" never does.
+  mode: str = "auto"
+  coordinator: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+
+
+def _default_rules() -> list[list[Any]]:
+  # Logical parameter / activation axes -> mesh axes (MaxText style).
+  return [
+      ["batch", ["data", "fsdp"]],
+      ["embed", "fsdp"],
+      ["vocab", "tensor"],
+      ["heads", "tensor"],
+      ["mlp", "tensor"],
+      ["kv", None],
+      ["layers", None],
+      ["seq", None],
+  ]
+
+
+@dataclass
+class Config:
+  run_dir: str = "runs/default"
+  seed: int = 0
+  model: ModelConfig = field(default_factory=ModelConfig)
+  sleep: SleepConfig = field(default_factory=SleepConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  distributed: DistributedConfig = field(default_factory=DistributedConfig)
+  logical_axis_rules: list[Any] = field(default_factory=_default_rules)
+
+
+_CHOICES = {
+    "model.kind": ("transformer", "hybrid"),
+    "model.eviction": ("none", "hard", "sliding"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "data.source": ("task", "text"),
+    "distributed.mode": ("auto", "on", "off"),
+}
+
+
+def _one_line(err: Exception) -> str:
+  if isinstance(err, oc_errors.OmegaConfBaseException):
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).strip().splitlines()[0]
+    if isinstance(err, (oc_errors.ConfigAttributeError, oc_errors.ConfigKeyError)):
+      return f"unknown config key '{key}'"
+    return f"bad value for config key '{key}': {msg}"
+  return str(err).splitlines()[0]
+
+
+def _validate(cfg: Config) -> None:
+  for key, allowed in _CHOICES.items():
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value not in allowed:
+      raise ConfigError(f"bad value for config key '{key}': {value!r} not in {allowed}")
+  for p in cfg.model.layer_pattern:
+    if p not in ("attn", "gdn"):
+      raise ConfigError(f"bad value for config key 'model.layer_pattern': {p!r} not in ('attn', 'gdn')")
+  positive = {"sleep.passes": cfg.sleep.passes, "sleep.chunk_len": cfg.sleep.chunk_len,
+              "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+              "data.seq_len": cfg.data.seq_len, "checkpoint.every": cfg.checkpoint.every,
+              "checkpoint.keep": cfg.checkpoint.keep, "model.d_model": cfg.model.d_model}
+  for key, value in positive.items():
+    if value < 1:
+      raise ConfigError(f"bad value for config key '{key}': {value} must be >= 1")
+  if cfg.train.steps < 0:
+    raise ConfigError(f"bad value for config key 'train.steps': {cfg.train.steps} must be >= 0")
+  if cfg.train.batch_size % cfg.train.grad_accum:
+    raise ConfigError("bad value for config key 'train.grad_accum': must divide train.batch_size")
+  for key in ("data", "fsdp", "tensor"):
+    v = getattr(cfg.mesh, key)
+    if v == 0 or v < -1:
+      raise ConfigError(f"bad value for config key 'mesh.{key}': {v} (use a positive size or -1)")
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+  """YAML file (optional) + `key=value` overrides -> validated `Config`."""
+  schema = OmegaConf.structured(Config)
+  try:
+    merged = schema
+    if path is not None:
+      if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+      try:
+        raw = yaml.safe_load(open(path)) or {}
+      except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+      if not isinstance(raw, dict):
+        raise ConfigError(f"malformed config {path}: top level must be a mapping")
+      merged = OmegaConf.merge(merged, OmegaConf.create(raw))
+    for item in overrides:
+      if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    if overrides:
+      merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    cfg = OmegaConf.to_object(merged)
+  except ConfigError:
+    raise
+  except (oc_errors.OmegaConfBaseException, yaml.YAMLError) as e:
+    raise ConfigError(_one_line(e)) from None
+  _validate(cfg)
+  return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+  return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def diff(a: Config, b: Config, prefix: str = "") -> list[str]:
+  """Dotted keys whose values differ between two configs (run_dir excluded by callers)."""
+  da, db = OmegaConf.to_container(OmegaConf.structured(a)), OmegaConf.to_container(OmegaConf.structured(b))
+  out: list[str] = []
+
+  def walk(x, y, p):
+    if isinstance(x, dict) and isinstance(y, dict):
+      for k in sorted(set(x) | set(y)):
+        walk(x.get(k), y.get(k), f"{p}{k}.")
+    elif x != y:
+      out.append(f"{p[:-1]}: {x!r} -> {y!r}")
+
+  walk(da, db, prefix)
+  return out
