@@ -1,0 +1,110 @@
+"""`sleep-jax` command line: train, eval (more sub-commands register themselves here).
+
+Errors a user can fix (config, data, checkpoint) print one line and exit 2; a non-finite
+loss exits 3; preemption (SIGTERM) exits 75 after saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_eval(result: dict) -> None:
+  rows = [(k.split("_d")[-1], v) for k, v in result.items() if k.startswith("eval/accuracy_d")]
+  print(f"eval: loss {result['eval/loss']:.4f}  accuracy {result['eval/accuracy']:.4f}  "
+        f"({result['eval/examples']} examples)")
+  if len(rows) > 1:
+    print("difficulty  accuracy")
+    for d, v in rows:
+      print(f"{d:>10}  {v:.4f}")
+
+
+def cmd_train(args) -> int:
+  from sleep_jax.config import load_config
+  from sleep_jax.loop import train
+
+  cfg = load_config(args.config, args.overrides)
+  result = train(cfg)
+  _print_eval(result)
+  return 0
+
+
+def cmd_eval(args) -> int:
+  from sleep_jax.config import ConfigError, load_config
+  from sleep_jax.evaluate import evaluate_run_dir
+
+  path = os.path.join(args.run_dir, "config.yaml")
+  if not os.path.exists(path):
+    raise ConfigError(f"{args.run_dir} is not a run dir (no config.yaml)")
+  cfg = load_config(path, [f"run_dir={args.run_dir}", *args.overrides])
+  result = evaluate_run_dir(cfg, num_batches=args.batches)
+  _print_eval(result)
+  print(json.dumps(result))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="sleep-jax", description="Language models that sleep, in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a model from a YAML config",
+                     description="Train (or resume, if RUN_DIR holds checkpoints) and print the final eval.")
+  t.add_argument("config", help="YAML config, e.g. experiments/tiny.yaml")
+  t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10 sleep.passes=2")
+  t.set_defaults(func=cmd_train)
+  e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run dir",
+                     description="Exact-match accuracy of the answer tokens on the held-out split, per difficulty.")
+  e.add_argument("run_dir")
+  e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.eval_task_options.steps=8)")
+  e.add_argument("--batches", type=int, default=None, help="limit the number of eval batches (default: all)")
+  e.set_defaults(func=cmd_eval)
+  for register in _extra_commands():
+    register(sub)
+  return p
+
+
+def _extra_commands():
+  """Sub-commands contributed by other modules (sweep, seed, dream, launch) once present."""
+  import importlib
+
+  out = []
+  for mod in ("sleep_jax.sweep", "sleep_jax.seeding.cli", "sleep_jax.dreaming.cli", "sleep_jax.launch.cli"):
+    try:
+      out.append(importlib.import_module(mod).register)
+    except ModuleNotFoundError as e:
+      if e.name is None or not mod.startswith(e.name):
+        raise
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  _setup_logging()
+  from sleep_jax.checkpoint import CheckpointError
+  from sleep_jax.config import ConfigError
+  from sleep_jax.data import DataError
+  from sleep_jax.loop import NonFiniteLoss
+
+  try:
+    return args.func(args)
+  except (ConfigError, DataError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except NonFiniteLoss as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exit_code
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,17 @@
+"""Data: synthetic tasks and text corpora as TFDS (array_record) datasets, read with grain.
+
+  dataset_info(cfg) -> DataSpec(vocab_size, example_len, seq_len)      no building
+  make_train_iterator(cfg, *, global_batch_size, seed, process_index=0, process_count=1,
+                      start_step=0) -> TrainIterator (next / get_state / set_state)
+  make_eval_batches(cfg, *, batch_size, num_batches=None) -> iterator of eval batches
+  data_sources(cfg) -> {"train", "eval"} random-access sources (builds on first use)
+
+Every data problem raises `DataError` (a ValueError) with a one-line message.
+"""
+
+from sleep_jax.data.builders import DataError
+from sleep_jax.data.pipeline import (DataSpec, TrainIterator, data_sources, dataset_info,
+                                     make_eval_batches, make_train_iterator)
+
+__all__ = ["DataError", "DataSpec", "TrainIterator", "data_sources", "dataset_info",
+           "make_eval_batches", "make_train_iterator"]

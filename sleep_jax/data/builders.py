@@ -1,0 +1,220 @@
+"""TFDS builders for the synthetic tasks, written as array_record and read without TF.
+
+`task_builder(cfg)` returns a prepared `tfds.core.GeneratorBasedBuilder` whose splits
+"train" and "eval" hold `generate(task, split, i, seed, options)` for i = 0..n-1 in index
+order. The dataset lives in
+
+  <data_dir>/sleep_jax_task/<task>-<hash>/1.0.0/sleep_jax_task-{train,eval}.array_record-*
+
+where <hash> covers everything the records depend on (task, merged options, seed, example
+counts, FORMAT), so a changed setting never reuses a stale build.
+
+Why this works without TensorFlow: GeneratorBasedBuilder serialises examples with its
+own protobuf code, the array_record writer is a C++ extension, and `as_data_source` reads
+records back through array_record and decodes them with numpy. Nothing here may touch
+`tf.data` (`as_dataset`), which is the only part that needs TF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from sleep_jax.data import tasks as tasks_lib
+
+# Bump when the record layout or the meaning of a field changes: every cached build is
+# then rebuilt instead of being read with the wrong interpretation.
+FORMAT = 1
+VERSION = "1.0.0"
+
+
+class _QuietCustomConfig(logging.Filter):
+  # Every builder here uses a custom (hash-named) BuilderConfig by design; TFDS warns
+  # about that on each construction, which would only be noise.
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_QuietCustomConfig())
+
+
+class DataError(ValueError):
+  """A data problem; the message is one line naming the config key or path at fault."""
+
+
+def stable_hash(obj: Any, n: int = 12) -> str:
+  """Short hash of a JSON-able object, independent of dict order and of the process."""
+  blob = json.dumps(obj, sort_keys=True, default=str).encode()
+  return hashlib.blake2b(blob, digest_size=16).hexdigest()[:n]
+
+
+def features() -> tfds.features.FeaturesDict:
+  # Raw-bytes encoding keeps int32 as int32 (tf.train.Example would upcast to int64 and
+  # varint-encode) and decodes with a single np.frombuffer; shape None allows tasks whose
+  # length differs between splits or examples.
+  enc = tfds.features.Encoding.BYTES
+  return tfds.features.FeaturesDict({
+      "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=enc),
+      "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.int32, encoding=enc),
+      "difficulty": tfds.features.Scalar(dtype=np.int32),
+  })
+
+
+def make_info(builder: tfds.core.DatasetBuilder, description: str) -> tfds.core.DatasetInfo:
+  # disable_shuffling: records stay in key (= index) order, so record i is example i.
+  # (DatasetInfo directly, not dataset_info_from_configs, which wants a package dir.)
+  return tfds.core.DatasetInfo(builder=builder, description=description, features=features(),
+                               disable_shuffling=True)
+
+
+def progress(examples: Iterator[tuple[int, dict]], total: int, desc: str):
+  return tqdm.tqdm(examples, total=total, desc=desc, unit=" ex", mininterval=1.0, leave=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Task builder
+
+
+class TaskConfig(tfds.core.BuilderConfig):
+  """One concrete task dataset; its name carries the hash of everything it depends on."""
+
+  def __init__(self, *, task: str, train_options: dict, eval_options: dict, seed: int,
+               train_examples: int, eval_examples: int):
+    identity = dict(format=FORMAT, task=task, train_options=train_options,
+                    eval_options=eval_options, seed=seed, train_examples=train_examples,
+                    eval_examples=eval_examples)
+    super().__init__(name=f"{task}-{stable_hash(identity)}", version=VERSION,
+                     description=json.dumps(identity, sort_keys=True, default=str))
+    self.task, self.seed = task, seed
+    self.train_options, self.eval_options = train_options, eval_options
+    self.train_examples, self.eval_examples = train_examples, eval_examples
+
+
+class SleepJaxTask(tfds.core.GeneratorBasedBuilder):
+  """Examples of one synthetic task (see `sleep_jax.data.tasks`)."""
+
+  # No source dir of its own: without this TFDS looks for a checksums file beside the
+  # module and, for a class inside a package, needs `importlib_resources` to do so.
+  code_path = None
+  VERSION = tfds.core.Version(VERSION)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return make_info(self, "sleep_jax synthetic task: " + self.builder_config.description)
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {"train": self._generate_examples("train", c.train_examples, c.train_options),
+            "eval": self._generate_examples("eval", c.eval_examples, c.eval_options)}
+
+  def _generate_examples(self, split: str, n: int, options: dict):
+    c = self.builder_config
+    difficulty_key = getattr(tasks_lib.get_task(c.task), "DIFFICULTY", None)
+    for i in progress(range(n), n, f"{c.task} {split}"):
+      ex = tasks_lib.generate(c.task, split, i, c.seed, options)
+      difficulty = ex.get("difficulty", options.get(difficulty_key, 0))
+      yield i, {"tokens": np.asarray(ex["tokens"], np.int32),
+                "loss_mask": np.asarray(ex["loss_mask"], np.int32),
+                "difficulty": int(difficulty)}
+
+
+def task_options(cfg) -> tuple[dict, dict]:
+  """(train, eval) options of `cfg.task`, defaults merged; DataError on a bad task/option."""
+  try:
+    train = tasks_lib.options_for(cfg.task, dict(cfg.task_options))
+    eval_ = tasks_lib.options_for(cfg.task, {**dict(cfg.task_options), **dict(cfg.eval_task_options)})
+  except tasks_lib.UnknownTaskError as e:
+    key = "data.task" if str(e).startswith("unknown task") else "data.task_options"
+    raise DataError(f"{key}: {e}") from None
+  return train, eval_
+
+
+def data_seed(cfg) -> int:
+  # The dataset is fixed across training seeds (those only reshuffle it) unless the
+  # config names a seed for the data itself.
+  return int(getattr(cfg, "seed", 0) or 0)
+
+
+def task_builder(cfg, *, prepare: bool = True) -> SleepJaxTask:
+  train, eval_ = task_options(cfg)
+  config = TaskConfig(task=cfg.task, train_options=train, eval_options=eval_, seed=data_seed(cfg),
+                      train_examples=int(cfg.train_examples), eval_examples=int(cfg.eval_examples))
+  make = lambda: SleepJaxTask(config=config, data_dir=data_dir(cfg), file_format="array_record")
+  return prepared(make) if prepare else construct(make)
+
+
+# ---------------------------------------------------------------------------------------
+# Building: once, under a lock, with one progress bar
+
+
+def data_dir(cfg) -> str:
+  return os.path.abspath(os.path.expanduser(cfg.data_dir))
+
+
+def is_built(builder: tfds.core.DatasetBuilder) -> bool:
+  # TFDS writes dataset_info.json last and renames its incomplete dir into place, so a
+  # version dir holding it is a finished build.
+  return (builder.data_path / "dataset_info.json").exists()
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+  # flock, not a marker file: the lock dies with its process, so a crashed build never
+  # leaves the others waiting forever.
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _own_progress_bar():
+  # Our generator shows one bar with a known total; TFDS's own per-split bars (unknown
+  # totals) would only add noise, so they are muted for the duration of the build.
+  utils = tfds.core.utils.tqdm_utils
+  was = getattr(utils, "_active", True)
+  utils.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    utils.display_progress_bar(was)
+
+
+def construct(make: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+  try:
+    return make()
+  except OSError as e:
+    raise DataError(f"data.data_dir: cannot open dataset dir: {e}") from None
+
+
+def prepared(make: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetBuilder:
+  """A builder whose data exists on disk, building it first if no process has yet.
+
+  Concurrent callers (several processes of one run, or runs sharing data_dir) serialise on
+  a per-dataset file lock; whoever gets it second finds the build done and only reads.
+  """
+  builder = construct(make)
+  if is_built(builder):
+    return builder
+  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_path)))  # <data_dir>/<name>
+  lock = os.path.join(root, f".{builder.builder_config.name}.lock")
+  try:
+    with _file_lock(lock):
+      builder = make()  # fresh: another process may have finished while we waited
+      if not is_built(builder):
+        with _own_progress_bar():
+          builder.download_and_prepare(file_format="array_record")
+  except OSError as e:
+    raise DataError(f"data.data_dir: cannot build dataset in {builder.data_path}: {e}") from None
+  return make()  # re-read dataset_info.json so split sizes are known

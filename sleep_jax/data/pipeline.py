@@ -1,0 +1,181 @@
+"""grain pipelines over the TFDS splits: a deterministic endless train stream, eval batches.
+
+The train stream is defined globally, independent of how many processes read it:
+
+  stream  = epoch 0 ++ epoch 1 ++ ...    epoch e = permutation of the train split, seeded
+                                          by seed + e (grain's shuffle().repeat())
+  batch s = stream[s*B : (s+1)*B]        B = global batch size
+  process p of P gets rows [p*b, (p+1)*b) of batch s,  b = B // P
+
+So `stream.batch(b)` has local batch s*P + p at that position, and a process reads the
+strided slice [start_step*P + p :: P]. A resumed run, or one on another number of
+processes, therefore sees exactly the same global batches. The iterator state is just the
+step (plus what must not change under it: seed and global batch size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Optional
+
+import grain
+import numpy as np
+
+from sleep_jax.data import tasks as tasks_lib
+from sleep_jax.data import text as text_lib
+from sleep_jax.data.builders import DataError, task_builder, task_options
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  vocab_size: int  # token ids are in [0, vocab_size)
+  example_len: int  # longest example T over both splits (<= data.seq_len, else an error)
+  seq_len: int  # padded length of every batch row (data.seq_len)
+
+
+def dataset_info(cfg) -> DataSpec:
+  """Vocab size and example length of the configured data, without building anything."""
+  if cfg.source == "text":
+    return DataSpec(text_lib.VOCAB_SIZE, int(cfg.seq_len), int(cfg.seq_len))
+  train, eval_ = task_options(cfg)
+  task = tasks_lib.get_task(cfg.task)
+  if hasattr(task, "seq_len"):
+    T = max(task.seq_len(**train), task.seq_len(**eval_))
+  else:  # tasks are not required to know T in advance: measure one example per split
+    T = max(len(tasks_lib.generate(cfg.task, s, 0, 0, o)["tokens"])
+            for s, o in (("train", train), ("eval", eval_)))
+  return DataSpec(int(task.VOCAB_SIZE), int(T), int(cfg.seq_len))
+
+
+def _check_fits(cfg, T: int) -> None:
+  if T > cfg.seq_len:
+    what = "text windows" if cfg.source == "text" else f"task '{cfg.task}' examples"
+    raise DataError(f"data.seq_len={cfg.seq_len} is too short: {what} need {T} tokens")
+
+
+def data_sources(cfg) -> dict[str, Any]:
+  """{"train", "eval"} random-access sources (decoded numpy dicts), building on first use."""
+  _check_fits(cfg, dataset_info(cfg).example_len)
+  builder = text_lib.text_builder(cfg) if cfg.source == "text" else task_builder(cfg)
+  return {split: builder.as_data_source(split) for split in ("train", "eval")}
+
+
+def _collate(examples, *, seq_len: int, eval_: bool = False) -> dict[str, np.ndarray]:
+  """Right-pad to seq_len with token 0 / mask 0; None (eval padding) becomes an invalid row."""
+  n = len(examples)
+  out = {"tokens": np.zeros((n, seq_len), np.int32), "loss_mask": np.zeros((n, seq_len), np.int32)}
+  if eval_:
+    out["difficulty"] = np.zeros((n,), np.int32)
+    out["valid"] = np.zeros((n,), bool)
+  for i, ex in enumerate(examples):
+    if ex is None:
+      continue
+    T = len(ex["tokens"])
+    if T > seq_len:  # a variable-length task produced a longer example than it announced
+      raise DataError(f"data.seq_len={seq_len} is too short: an example needs {T} tokens")
+    out["tokens"][i, :T] = ex["tokens"]
+    out["loss_mask"][i, :T] = ex["loss_mask"]
+    if eval_:
+      out["difficulty"][i] = ex["difficulty"]
+      out["valid"][i] = True
+  return out
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+  # Elements are whole local batches: `prefetch` threads each assemble one, and up to
+  # `prefetch` finished batches wait in the buffer. 0 reads synchronously.
+  n = max(0, int(cfg.prefetch))
+  return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
+
+
+class TrainIterator:
+  """Iterator over this process's share of the global train batches, checkpointable."""
+
+  def __init__(self, cfg, source, *, global_batch_size: int, seed: int, process_index: int,
+               process_count: int, start_step: int):
+    if global_batch_size < 1 or global_batch_size % process_count:
+      raise DataError(f"train.batch_size: global batch {global_batch_size} must be a positive "
+                      f"multiple of the process count {process_count}")
+    if not 0 <= process_index < process_count:
+      raise DataError(f"process_index {process_index} not in [0, {process_count})")
+    if len(source) == 0:
+      raise DataError("data.train_examples: the train split is empty")
+    self._cfg, self._source = cfg, source
+    self.global_batch_size, self.seed = int(global_batch_size), int(seed)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.local_batch_size = self.global_batch_size // self.process_count
+    self._it = None
+    self._start(int(start_step))
+
+  def _start(self, step: int) -> None:
+    if self._it is not None and hasattr(self._it, "close"):
+      self._it.close()  # stop the old prefetch threads before starting new ones
+    P, p = self.process_count, self.process_index
+    collate = functools.partial(_collate, seq_len=int(self._cfg.seq_len))
+    ds = (grain.MapDataset.source(self._source)
+          .shuffle(seed=self.seed % 2**32)  # grain: epoch e is permuted with seed + e
+          .repeat()
+          .batch(self.local_batch_size, batch_fn=collate))
+    ds = ds[step * P + p::P]
+    self._it = iter(ds.to_iter_dataset(_read_options(self._cfg)))
+    self.step = step
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-able; independent of process count, so it restores onto any number of hosts."""
+    return {"step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key in ("seed", "global_batch_size"):
+      if key in state and int(state[key]) != getattr(self, key):
+        raise DataError(f"data iterator state: saved {key}={state[key]} but this run uses "
+                        f"{getattr(self, key)}; the batch stream would differ")
+    self._start(int(state["step"]))
+
+  def close(self) -> None:
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, start_step: int = 0) -> TrainIterator:
+  """Endless train batches {"tokens", "loss_mask"}: int32[global_batch_size // process_count,
+  data.seq_len], the rows of global batch `step` that belong to `process_index`."""
+  return TrainIterator(cfg, data_sources(cfg)["train"], global_batch_size=global_batch_size,
+                       seed=seed, process_index=process_index, process_count=process_count,
+                       start_step=start_step)
+
+
+def make_eval_batches(cfg, *, batch_size: int, num_batches: Optional[int] = None,
+                      process_index: int = 0,
+                      process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """The eval split in index order, `batch_size` (global) examples per batch.
+
+  Keys: tokens, loss_mask int32[b, seq_len], difficulty int32[b], valid bool[b] with
+  b = batch_size // process_count. Rows past the end of the split (the last batch) are
+  padding: mask 0, valid False. Every process yields the same number of batches.
+  """
+  if batch_size < 1 or batch_size % process_count:
+    raise DataError(f"eval batch size {batch_size} must be a positive multiple of the "
+                    f"process count {process_count}")
+  source = data_sources(cfg)["eval"]
+  n = len(source)
+  total = -(-n // batch_size)
+  if num_batches is not None:
+    total = min(total, int(num_batches))
+  P, p, b = process_count, process_index, batch_size // process_count
+  ds = grain.MapDataset.source(source)
+  pad = total * batch_size - n
+  if pad > 0:  # None rows: collate turns them into mask-0, valid=False padding
+    ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([None] * pad)])
+  ds = ds[:total * batch_size].batch(b, batch_fn=functools.partial(
+      _collate, seq_len=int(cfg.seq_len), eval_=True))[p::P]
+  return iter(ds.to_iter_dataset(_read_options(cfg)))

@@ -1,0 +1,140 @@
+"""The training loop: resume, data, jitted steps, logging, eval, checkpoints, preemption.
+
+`train(cfg)` is what `sleep-jax train` runs. Running it twice on the same run dir resumes
+from the newest readable checkpoint, with the data iterator and RNG where they were, so the
+logged losses are exactly those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sleep_jax import config as config_lib
+from sleep_jax import data as data_lib
+from sleep_jax import distributed
+from sleep_jax import sharding as shd
+from sleep_jax.evaluate import evaluate
+from sleep_jax.checkpoint import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, Checkpointer
+from sleep_jax.metrics import MetricWriter
+from sleep_jax.train import Trainer
+
+log = logging.getLogger("sleep_jax")
+
+# Keys that may change between runs on one run dir (how it runs, not what it computes).
+RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.data_dir")
+
+
+class NonFiniteLoss(RuntimeError):
+  exit_code = NONFINITE_EXIT_CODE
+
+
+class Preempted(SystemExit):
+  def __init__(self):
+    super().__init__(PREEMPTED_EXIT_CODE)
+
+
+def check_saved_config(cfg: config_lib.Config) -> None:
+  """Refuse to resume a run dir whose saved config computes something else."""
+  path = os.path.join(cfg.run_dir, "config.yaml")
+  if not os.path.exists(path):
+    return
+  saved = config_lib.load_config(path)
+  changed = [d for d in config_lib.diff(saved, cfg) if not d.startswith(RESUMABLE_CHANGES)]
+  if changed:
+    raise config_lib.ConfigError(f"run dir {cfg.run_dir} holds a run with a different config: {'; '.join(changed)}")
+
+
+def write_config(cfg: config_lib.Config) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+      f.write(config_lib.to_yaml(cfg))
+
+
+def train(cfg: config_lib.Config) -> dict[str, Any]:
+  distributed.maybe_initialize(cfg.distributed)
+  check_saved_config(cfg)
+  info = data_lib.dataset_info(cfg.data)
+  if info.vocab_size > cfg.model.vocab_size:
+    raise config_lib.ConfigError(
+        f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the dataset's {info['vocab_size']}")
+  write_config(cfg)
+  trainer = Trainer(cfg)
+  ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  restored = ckpt.restore_latest(trainer.abstract_state)
+  if restored is None:
+    step, state, data_state = 0, trainer.init_state(), None
+  else:
+    step, state, data_state = restored
+    log.info("resumed from step %d", step)
+  slot, slots = shd.process_slot(trainer.mesh, cfg.train.batch_size)
+  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                    process_index=slot, process_count=slots, start_step=step)
+  if data_state is not None:
+    it.set_state(data_state)
+  writer = MetricWriter(cfg.run_dir, resume_step=step)
+  preempted = []
+  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  tokens_per_step = cfg.train.batch_size * (cfg.data.seq_len - 1)
+  pbar = tqdm(total=cfg.train.steps, initial=step, disable=jax.process_index() != 0, desc="train",
+              dynamic_ncols=True, mininterval=1.0)
+  last_saved = step
+  timing = {"data_s": 0.0, "step_s": 0.0, "save_s": 0.0, "steps": 0}
+  try:
+    t_prev = time.perf_counter()
+    while step < cfg.train.steps:
+      t0 = time.perf_counter()
+      local = next(it)
+      t1 = time.perf_counter()
+      state, metrics = trainer.train_step(state, shd.global_batch(local, trainer.mesh))
+      metrics = jax.device_get(metrics)
+      step += 1
+      now = time.perf_counter()
+      if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+        raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step "
+                            f"{step}; stopped; the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}")
+      timing["data_s"] += t1 - t0
+      timing["step_s"] += now - t_prev
+      timing["steps"] += 1
+      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        writer.write(step, {**{k: float(v) for k, v in metrics.items()},
+                            "tokens_per_s": tokens_per_step / max(now - t_prev, 1e-9),
+                            "data_wait_frac": (t1 - t0) / max(now - t_prev, 1e-9)})
+      pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+      pbar.update(1)
+      if step % cfg.checkpoint.every == 0 or preempted:
+        t_s = time.perf_counter()
+        ckpt.save(step, state, it.get_state(), wait=bool(preempted))
+        timing["save_s"] += time.perf_counter() - t_s
+        last_saved = step
+      if preempted:
+        log.warning("SIGTERM: saved step %d; exiting with code %d", step, PREEMPTED_EXIT_CODE)
+        raise Preempted()
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+        writer.write(step, evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches))
+      t_prev = time.perf_counter()
+    if last_saved != step:
+      ckpt.save(step, state, it.get_state())
+    ckpt.wait()
+    result = evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches)
+    writer.write(step, result)
+    result.update({"step": step, "timing": timing})
+    if jax.process_index() == 0:
+      with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+  finally:
+    pbar.close()
+    signal.signal(signal.SIGTERM, old_handler)
+    writer.close()
+    ckpt.close()

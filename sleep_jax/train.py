@@ -1,0 +1,147 @@
+"""Pure, sharded train and eval steps.
+
+The train state is a plain dict pytree {"step", "params", "opt_state", "rng"} (orbax saves it
+as it is). `Trainer` builds the mesh, shardings and jitted steps once; `loop.py` drives them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sleep_jax import sharding as shd
+from sleep_jax.config import Config
+from sleep_jax.models import forward, model_factory
+
+
+def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  t = cfg.train
+  warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, t.lr, warmup, max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
+  # No weight decay on norm scales and biases (leaf names), as in MaxText / nanodo.
+  no_decay = ("scale", "bias")
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in no_decay, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(t.clip_norm),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
+  )
+  return tx, schedule
+
+
+def cast_params(params, dtype: str):
+  """bf16 compute with f32 master weights: cast a copy for the forward pass only."""
+  if dtype == "float32":
+    return params
+  return jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), params)
+
+
+def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:
+  """Masked cross-entropy sums and exact-match per example (float32 softmax)."""
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+  mask = mask_BT.astype(jnp.float32)
+  correct_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32) * mask
+  n_answer_B = mask.sum(-1)
+  return {
+      "loss_sum": (ce_BT * mask).sum(),
+      "tokens": mask.sum(),
+      "correct_tokens": correct_BT.sum(),
+      "exact_B": (correct_BT.sum(-1) == n_answer_B) & (n_answer_B > 0),
+  }
+
+
+def split_batch(batch: dict[str, jax.Array]):
+  tokens = batch["tokens"]
+  return tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:]
+
+
+class Trainer:
+  """Mesh, shardings and jitted steps for one config."""
+
+  def __init__(self, cfg: Config, mesh=None):
+    self.cfg = cfg
+    self.mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+    self.make_model = model_factory(cfg)
+    self.graphdef, abstract_params, logical = shd.abstract_model(self.make_model)
+    self.param_shardings = shd.param_shardings(abstract_params, logical, self.mesh, cfg.logical_axis_rules)
+    self.tx, self.schedule = make_optimizer(cfg)
+    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+    rep = shd.replicated(self.mesh)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    self.state_shardings = {"step": rep, "params": self.param_shardings, "opt_state": opt_shardings, "rng": rep}
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params, "opt_state": abstract_opt,
+         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
+        self.state_shardings)
+    self.batch_sharding = shd.batch_sharding(self.mesh)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+                             out_shardings=rep)
+
+  # -- state -------------------------------------------------------------------------------
+  def init_state(self) -> dict[str, Any]:
+    seed = self.cfg.seed
+
+    def init():
+      params = nnx.to_pure_dict(nnx.split(self.make_model(nnx.Rngs(seed)))[1])
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+              "rng": jax.random.PRNGKey(seed + 1)}
+
+    return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def model(self, params) -> nnx.Module:
+    return nnx.merge(self.graphdef, cast_params(params, self.cfg.model.compute_dtype))
+
+  # -- steps -------------------------------------------------------------------------------
+  def _stats(self, params, batch):
+    inputs, targets, mask = split_batch(batch)
+    logits = forward(self.model(params), inputs, mask, self.cfg)
+    return token_stats(logits, targets, mask)
+
+  def _train_step(self, state, batch):
+    accum = self.cfg.train.grad_accum
+
+    def loss_sum(params, micro):
+      s = self._stats(params, micro)
+      return s["loss_sum"], s
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    if accum == 1:
+      (_, stats), grads = grad_fn(state["params"], batch)
+    else:
+      # Micro-batches as a scan; sums (not means) are accumulated so the result is exactly the
+      # token-weighted mean of the full batch.
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        (_, s), g = grad_fn(state["params"], mb)
+        s = {k: v for k, v in s.items() if k != "exact_B"}
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+
+      zero_g = jax.tree.map(jnp.zeros_like, state["params"])
+      zero_s = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "tokens", "correct_tokens")}
+      (grads, stats), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
+    n = jnp.maximum(stats["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": stats["loss_sum"] / n, "grad_norm": optax.global_norm(grads),
+               "lr": self.schedule(state["step"]), "answer_tokens": stats["tokens"],
+               "token_accuracy": stats["correct_tokens"] / n}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": jax.random.fold_in(state["rng"], state["step"])}
+    return new_state, metrics
+
+  def _eval_step(self, params, batch):
+    stats = self._stats(params, batch)
+    return {"loss_sum": stats["loss_sum"], "tokens": stats["tokens"], "exact_B": stats["exact_B"]}
