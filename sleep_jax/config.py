@@ -60,6 +60,7 @@ class DataConfig:
   source: str = "task"  # task | text
   task: str = "rule110"
   task_options: dict[str, Any] = field(default_factory=dict)
+  seed: int = 0  # seed that generates the task dataset (the top-level seed only reshuffles it)
   eval_task_options: dict[str, Any] = field(default_factory=dict)  # overrides for eval split
   text_path: Optional[str] = None  # plain-text corpus for source=text
   seq_len: int = 128  # tokens per example (examples are padded/cropped to this)

@@ -135,7 +135,7 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": stats["loss_sum"] / n, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": stats["loss_sum"] / n, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state["step"]), "answer_tokens": stats["tokens"],
                "token_accuracy": stats["correct_tokens"] / n}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

@@ -8,3 +8,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set too late?)"
+
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "experiments", "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One dataset cache for the whole session (TFDS builds are shared by the tests)."""
+  return str(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture
+def tiny_overrides(data_dir, tmp_path):
+  """Overrides that make experiments/tiny.yaml fast and self-contained for a test."""
+  return [f"run_dir={tmp_path / 'run'}", f"data.data_dir={data_dir}", "data.train_examples=512",
+          "data.eval_examples=64", "train.eval_batches=2"]
+
+
+def subprocess_env(devices: int = 8) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env

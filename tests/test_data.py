@@ -165,6 +165,9 @@ def test_text_corpus_round_trip(tmp_path):
 def test_clear_errors(tmp_path):
   cases = [(dict(task="nope"), "data.task: unknown task 'nope'"),
            (dict(task_options={"bogus": 1}), "data.task_options: unknown option 'bogus'"),
+           (dict(eval_task_options={"bogus": 1}), "data.eval_task_options: unknown option 'bogus'"),
+           (dict(task_options={"W": 2}), "data.task_options: rule110 needs"),
+           (dict(eval_task_options={"steps": -1}), "data.eval_task_options: rule110 needs"),
            (dict(seq_len=36), "data.seq_len=36 is too short: task 'rule110' examples need 37"),
            (dict(source="text", text_path=None), "data.text_path: not set")]
   for kw, msg in cases:
@@ -192,14 +195,14 @@ def test_cache_reuse_concurrency_and_identity(tmp_path, monkeypatch):
   [t.start() for t in threads]
   [t.join() for t in threads]
   assert not errors and results == [16, 16]
-  assert len(calls) == 20  # built exactly once
+  assert len(calls) == 16 + 4 + 2  # built exactly once (+ one option check per split)
   root = cfg.data_dir
   (name,) = _dataset_dirs(root)
   version_dir = os.path.join(root, "sleep_jax_task", name, "1.0.0")
   mtimes = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
 
   data_sources(cfg)  # cached: no generate call, no file rewritten
-  assert len(calls) == 20
+  assert len(calls) == 22
   assert mtimes == {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
 
   for kw in (dict(task_options={**OPTS, "steps": 5}), dict(eval_task_options={"steps": 7}),
@@ -213,3 +216,22 @@ def _try(fn, errors):
     fn()
   except Exception as e:  # noqa: BLE001 (reported by the main thread)
     errors.append(e)
+
+
+def test_two_processes_building_at_once(tmp_path):
+  # Real processes (flock is per process): both must end up reading one finished build.
+  import subprocess
+  import sys
+  code = ("import sys; from sleep_jax.config import DataConfig; from sleep_jax.data import data_sources;"
+          "cfg = DataConfig(task_options={'K': 4, 'W': 8, 'steps': 4}, seq_len=40, train_examples=1500,"
+          " eval_examples=10, data_dir=sys.argv[1]); print(len(data_sources(cfg)['train']))")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+    assert out.split()[-1] == "1500"
+  (name,) = _dataset_dirs(str(tmp_path))
+  assert os.listdir(os.path.join(tmp_path, "sleep_jax_task", name)) == ["1.0.0"]  # no leftovers

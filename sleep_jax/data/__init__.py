@@ -5,13 +5,14 @@
                       start_step=0) -> TrainIterator (next / get_state / set_state)
   make_eval_batches(cfg, *, batch_size, num_batches=None) -> iterator of eval batches
   data_sources(cfg) -> {"train", "eval"} random-access sources (builds on first use)
+  dataset_dir(cfg) -> str                  the dataset's directory, built or not
 
 Every data problem raises `DataError` (a ValueError) with a one-line message.
 """
 
 from sleep_jax.data.builders import DataError
-from sleep_jax.data.pipeline import (DataSpec, TrainIterator, data_sources, dataset_info,
-                                     make_eval_batches, make_train_iterator)
+from sleep_jax.data.pipeline import (DataSpec, TrainIterator, data_sources, dataset_dir,
+                                     dataset_info, make_eval_batches, make_train_iterator)
 
-__all__ = ["DataError", "DataSpec", "TrainIterator", "data_sources", "dataset_info",
+__all__ = ["DataError", "DataSpec", "TrainIterator", "data_sources", "dataset_dir", "dataset_info",
            "make_eval_batches", "make_train_iterator"]

@@ -112,6 +112,12 @@ class SleepJaxTask(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
+    for split, options in (("train", c.train_options), ("eval", c.eval_options)):
+      try:  # bad option values surface here as one line, not deep inside the TFDS writer
+        tasks_lib.generate(c.task, split, 0, c.seed, options)
+      except (ValueError, TypeError) as e:
+        key = "data.task_options" if split == "train" else "data.eval_task_options"
+        raise DataError(f"{key}: {' '.join(str(e).split())}") from None
     return {"train": self._generate_examples("train", c.train_examples, c.train_options),
             "eval": self._generate_examples("eval", c.eval_examples, c.eval_options)}
 
@@ -129,12 +135,17 @@ class SleepJaxTask(tfds.core.GeneratorBasedBuilder):
 def task_options(cfg) -> tuple[dict, dict]:
   """(train, eval) options of `cfg.task`, defaults merged; DataError on a bad task/option."""
   try:
-    train = tasks_lib.options_for(cfg.task, dict(cfg.task_options))
-    eval_ = tasks_lib.options_for(cfg.task, {**dict(cfg.task_options), **dict(cfg.eval_task_options)})
+    tasks_lib.get_task(cfg.task)
   except tasks_lib.UnknownTaskError as e:
-    key = "data.task" if str(e).startswith("unknown task") else "data.task_options"
-    raise DataError(f"{key}: {e}") from None
-  return train, eval_
+    raise DataError(f"data.task: {e}") from None
+  out = []
+  for key, options in (("data.task_options", dict(cfg.task_options)),
+                       ("data.eval_task_options", {**dict(cfg.task_options), **dict(cfg.eval_task_options)})):
+    try:
+      out.append(tasks_lib.options_for(cfg.task, options))
+    except tasks_lib.UnknownTaskError as e:
+      raise DataError(f"{key}: {e}") from None
+  return out[0], out[1]
 
 
 def data_seed(cfg) -> int:

@@ -3,7 +3,7 @@
 The train stream is defined globally, independent of how many processes read it:
 
   stream  = epoch 0 ++ epoch 1 ++ ...    epoch e = permutation of the train split, seeded
-                                          by seed + e (grain's shuffle().repeat())
+                                          by (seed, e) (grain's shuffle().repeat())
   batch s = stream[s*B : (s+1)*B]        B = global batch size
   process p of P gets rows [p*b, (p+1)*b) of batch s,  b = B // P
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from sleep_jax.data import tasks as tasks_lib
 from sleep_jax.data import text as text_lib
-from sleep_jax.data.builders import DataError, task_builder, task_options
+from sleep_jax.data.builders import DataError, data_seed, stable_hash, task_builder, task_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ def dataset_info(cfg) -> DataSpec:
   if hasattr(task, "seq_len"):
     T = max(task.seq_len(**train), task.seq_len(**eval_))
   else:  # tasks are not required to know T in advance: measure one example per split
-    T = max(len(tasks_lib.generate(cfg.task, s, 0, 0, o)["tokens"])
+    T = max(len(tasks_lib.generate(cfg.task, s, 0, data_seed(cfg), o)["tokens"])
             for s, o in (("train", train), ("eval", eval_)))
   return DataSpec(int(task.VOCAB_SIZE), int(T), int(cfg.seq_len))
 
@@ -54,10 +54,19 @@ def _check_fits(cfg, T: int) -> None:
     raise DataError(f"data.seq_len={cfg.seq_len} is too short: {what} need {T} tokens")
 
 
+def _builder(cfg, prepare: bool):
+  return (text_lib.text_builder if cfg.source == "text" else task_builder)(cfg, prepare=prepare)
+
+
+def dataset_dir(cfg) -> str:
+  """Where the configured dataset lives (or will, once built); builds nothing."""
+  return str(_builder(cfg, prepare=False).data_path)
+
+
 def data_sources(cfg) -> dict[str, Any]:
   """{"train", "eval"} random-access sources (decoded numpy dicts), building on first use."""
   _check_fits(cfg, dataset_info(cfg).example_len)
-  builder = text_lib.text_builder(cfg) if cfg.source == "text" else task_builder(cfg)
+  builder = _builder(cfg, prepare=True)
   return {split: builder.as_data_source(split) for split in ("train", "eval")}
 
 
@@ -89,6 +98,12 @@ def _read_options(cfg) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
 
 
+def _shuffle_seed(seed: int) -> int:
+  # grain permutes epoch e with seed + e, so plain seeds would make run seed=1 replay the
+  # epoch-1 order of run seed=0; hashing the seed first decorrelates neighbouring seeds.
+  return int(stable_hash(["shuffle", int(seed)], n=8), 16)
+
+
 class TrainIterator:
   """Iterator over this process's share of the global train batches, checkpointable."""
 
@@ -114,7 +129,7 @@ class TrainIterator:
     P, p = self.process_count, self.process_index
     collate = functools.partial(_collate, seq_len=int(self._cfg.seq_len))
     ds = (grain.MapDataset.source(self._source)
-          .shuffle(seed=self.seed % 2**32)  # grain: epoch e is permuted with seed + e
+          .shuffle(seed=_shuffle_seed(self.seed))
           .repeat()
           .batch(self.local_batch_size, batch_fn=collate))
     ds = ds[step * P + p::P]

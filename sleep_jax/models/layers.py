@@ -22,7 +22,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...],
     value = jnp.zeros(shape, jnp.float32)
   else:
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-  return nnx.Param(value, sharding_names=names)
+  return nnx.Param(value, out_sharding=names)
 
 
 class RMSNorm(nnx.Module):

@@ -61,37 +61,48 @@ def _recurrent(q_BTHK, k_BTHK, v_BTHV, a_BTH, b_BTH, S_BHVK):
   return jnp.moveaxis(o_TBHV, 0, 1), S_BHVK
 
 
-def _unit_lower_inverse(g_XC, b_XC, k_XCK):
-  """T = (I + A)^-1 for A_tj = b_t exp(g_t - g_j) (k_t . k_j), j < t.  Returns [X, C, C].
+def _strict_lower_blocks(A_XPP, b):
+  """Blocks A[(2m+1)b + r, 2mb + c] for m < P/2b and r, c < b, as [X, P/2b, b, b].
+
+  These are the L21 blocks of the level-b step below. Strided through the flattened
+  matrix (the block for pair m starts 2b(P+1) elements after the one for m-1), so it is
+  reshapes and static slices only: no gather.
+  """
+  X, P, _ = A_XPP.shape
+  m = P // (2 * b)
+  flat = A_XPP.reshape(X, P * P)[:, b * P:]
+  flat = jnp.pad(flat, ((0, 0), (0, m * 2 * b * (P + 1) - flat.shape[1])))
+  return flat.reshape(X, m, 2 * b * (P + 1))[:, :, : b * P].reshape(X, m, b, P)[..., :b]
+
+
+def _bmm(x, y):
+  """Batched x @ y over leading dims. Tiny matrices as multiply-and-sum: XLA CPU fuses that
+  into one loop, while a dot_general with a huge batch of 2x2 .. 16x16 matrices is run
+  matrix by matrix and is ten times slower."""
+  if x.shape[-1] <= 16:
+    return jnp.sum(x[..., :, :, None] * y[..., None, :, :], axis=-2)
+  return jnp.einsum("...ij,...jk->...ik", x, y)
+
+
+@jax.custom_vjp
+def _unit_lower_inverse(A_XCC):
+  """(I + A)^-1 for strictly lower triangular A, batched: [X, C, C] -> [X, C, C].
 
   Bottom-up blocked inversion: with L = [[L11, 0], [L21, L22]], L^-1 has diagonal blocks
-  L11^-1, L22^-1 and off-diagonal block -L22^-1 L21 L11^-1. Starting from 1x1 blocks
-  (the unit diagonal) and doubling the block size, every level is a few batched matmuls
-  over all blocks of all chunks: log2(C) levels, about C^3/3 multiply-adds, no sequential
-  loop over rows. The L21 blocks are built directly from k, g and b (they lie strictly
-  below the diagonal, so g_t - g_j <= 0 and exp needs no mask).
+  L11^-1, L22^-1 and off-diagonal block -L22^-1 L21 L11^-1. Starting from 1x1 blocks (the
+  unit diagonal) and doubling the block size, each level is two batched products over all
+  blocks of all chunks: log2(C) levels and about C^3/3 multiply-adds, no loop over rows.
   """
-  X, C = b_XC.shape
-  P = 1 << max(C - 1, 0).bit_length()  # next power of two; padding rows have b = k = 0
-  if P != C:
-    pad = P - C
-    g_XC = jnp.pad(g_XC, ((0, 0), (0, pad)))
-    b_XC = jnp.pad(b_XC, ((0, 0), (0, pad)))
-    k_XCK = jnp.pad(k_XCK, ((0, 0), (0, pad), (0, 0)))
-  Kd = k_XCK.shape[-1]
-  T_XMbb = jnp.ones((X, P, 1, 1), _F32)  # M = P / b diagonal blocks of size b
+  X, C, _ = A_XCC.shape
+  P = 1 << max(C - 1, 0).bit_length()  # pad to a power of two with identity rows
+  A_XPP = jnp.pad(A_XCC, ((0, 0), (0, P - C), (0, P - C)))
+  T_XMbb = jnp.ones((X, P, 1, 1), _F32)  # the M = P / b diagonal blocks of the inverse
   b = 1
   while b < P:
     m = P // (2 * b)
-    g2 = g_XC.reshape(X, m, 2, b)
-    k2 = k_XCK.reshape(X, m, 2, b, Kd)
-    b_hi = b_XC.reshape(X, m, 2, b)[:, :, 1]
-    # L21[r, c] = b_r exp(g_r - g_c) k_r . k_c, r in the upper half, c in the lower half.
-    L21 = jnp.einsum("xmrk,xmck->xmrc", k2[:, :, 1], k2[:, :, 0])
-    L21 = L21 * b_hi[..., None] * jnp.exp(g2[:, :, 1, :, None] - g2[:, :, 0, None, :])
     T2 = T_XMbb.reshape(X, m, 2, b, b)
     T11, T22 = T2[:, :, 0], T2[:, :, 1]
-    off = -jnp.einsum("xmij,xmjk,xmkl->xmil", T22, L21, T11)
+    off = -_bmm(_bmm(T22, _strict_lower_blocks(A_XPP, b)), T11)
     top = jnp.concatenate([T11, jnp.zeros_like(T11)], axis=-1)
     bot = jnp.concatenate([off, T22], axis=-1)
     T_XMbb = jnp.concatenate([top, bot], axis=-2)
@@ -99,65 +110,70 @@ def _unit_lower_inverse(g_XC, b_XC, k_XCK):
   return T_XMbb.reshape(X, P, P)[:, :C, :C]
 
 
+def _unit_lower_inverse_fwd(A_XCC):
+  T_XCC = _unit_lower_inverse(A_XCC)
+  return T_XCC, T_XCC
+
+
+def _unit_lower_inverse_bwd(T_XCC, dT_XCC):
+  # T = L^-1  =>  dL = -T^T dT T^T, of which only the strictly lower part belongs to A.
+  # Two large matmuls, instead of differentiating the blocked inversion level by level
+  # (tiny ops that XLA CPU runs very slowly).
+  C = T_XCC.shape[-1]
+  dA_XCC = -jnp.einsum("xji,xjk,xlk->xil", T_XCC, dT_XCC, T_XCC)
+  return (dA_XCC * jnp.tri(C, k=-1, dtype=_F32),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
 def _chunked(q_BTHK, k_BTHK, v_BTHV, a_BTH, b_BTH, S_BHVK, C):
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   N = -(-T // C)
   pad = N * C - T
-  # Layout [B, H, N, C, *]: one transpose up front so every per-chunk product below is a
-  # batched dot over the leading (B, H, N) dims with contiguous [C, *] operands.
-  def to_chunks(x, fill=0.0):
-    x = jnp.moveaxis(x, 2, 1)  # [B, H, T, ...]
-    if pad:
-      widths = [(0, 0)] * x.ndim
-      widths[2] = (0, pad)
-      x = jnp.pad(x, widths, constant_values=fill)
-    return x.reshape(B, H, N, C, *x.shape[3:])
 
-  # Padding: log alpha = 0 (alpha = 1), beta = 0, k = q = v = 0: the state passes through
-  # padding unchanged and padded outputs are cropped.
-  q = to_chunks(q_BTHK)
+  # Layout [N, B, H, C, *]: one transpose up front, then every per-chunk product is a
+  # batched dot over the leading (N, B, H) dims with contiguous [C, *] operands, and the
+  # scan over chunks slices its leading axis.
+  def to_chunks(x):
+    if pad:  # zeros: k = q = v = 0, beta = 0 and log alpha = 0, i.e. alpha = 1
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(B, N, C, H, *x.shape[3:])
+    return jnp.transpose(x, (1, 0, 3, 2) + tuple(range(4, x.ndim)))
+
+  q = to_chunks(q_BTHK)  # [N,B,H,C,K]
   k = to_chunks(k_BTHK)
   v = to_chunks(v_BTHV)
-  la = to_chunks(jnp.log(a_BTH))
-  bt = to_chunks(b_BTH)
+  bt = to_chunks(b_BTH)  # [N,B,H,C]
+  g = jnp.cumsum(to_chunks(jnp.log(a_BTH)), axis=-1)  # log decay since chunk start, <= 0
+  gC = g[..., -1:]  # [N,B,H,1]
 
-  g = jnp.cumsum(la, axis=-1)  # [B,H,N,C], log of the decay since the chunk start (<= 0)
-  gamma = jnp.exp(g)
-  gC = g[..., -1:]  # [B,H,N,1]
-
-  T_ = _unit_lower_inverse(g.reshape(-1, C), bt.reshape(-1, C), k.reshape(-1, C, K))
-  T_ = T_.reshape(B, H, N, C, C)
-  # W and U in one product: T @ [b*gamma*K | b*V].
-  rhs = jnp.concatenate([(bt * gamma)[..., None] * k, bt[..., None] * v], axis=-1)
-  WU = jnp.einsum("bhnij,bhnjd->bhnid", T_, rhs)
-  W, U = WU[..., :K], WU[..., K:]
-
-  # Intra-chunk attention P_tj = exp(g_t - g_j) (q_t . k_j), j <= t. The exponent is
-  # masked *before* exp: above the diagonal g_t - g_j > 0 can overflow to inf, and
-  # inf * 0 would poison the gradient even though the value is masked.
-  causal = jnp.tril(jnp.ones((C, C), bool))
-  dg = jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf)
-  P_ = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * jnp.exp(dg)
-  PWU = jnp.einsum("bhnij,bhnjd->bhnid", P_, WU)
-  Qe = gamma[..., None] * q - PWU[..., :K]  # multiplies S0^T
-  O_intra = PWU[..., K:]
-
-  # Chunk transition S_next = S0 M + N with M = gamma_C I - W^T Kd, N = U^T Kd.
+  # Decay ratios exp(g_i - g_j) for j <= i. The exponent is masked *before* exp: above the
+  # diagonal g_i - g_j > 0 can overflow to inf, and inf * 0 would poison the gradient.
+  decay = jnp.exp(jnp.where(jnp.tri(C, dtype=bool), g[..., :, None] - g[..., None, :], -jnp.inf))
+  # q k^T and k k^T in one product.
+  QK_KK = jnp.einsum("nbhik,nbhjk->nbhij", jnp.concatenate([q, k], axis=-2), k)
+  P_ = QK_KK[..., :C, :] * decay
+  A = QK_KK[..., C:, :] * decay * (bt[..., :, None] * jnp.tri(C, k=-1, dtype=_F32))
+  T_ = _unit_lower_inverse(A.reshape(-1, C, C)).reshape(N, B, H, C, C)
+  W = jnp.einsum("nbhij,nbhjk->nbhik", T_, (bt * jnp.exp(g))[..., None] * k)
+  U = jnp.einsum("nbhij,nbhjv->nbhiv", T_, bt[..., None] * v)
   Kdec = jnp.exp(gC - g)[..., None] * k
-  MN = jnp.einsum("bhncd,bhnck->bhndk", WU, Kdec)  # [B,H,N,K+V,K]
-  M = jnp.exp(gC)[..., None] * jnp.eye(K, dtype=_F32) - MN[..., :K, :]
-  Nn = MN[..., K:, :]
 
-  def step(S, mn):
-    M_, N_ = mn
-    return jnp.einsum("bhvk,bhkj->bhvj", S, M_) + N_, S
+  # Only this depends on the incoming state: the new values D = U - W S0^T and the
+  # chunk's final state gamma_C S0 + D^T Kdec.
+  def step(S, xs):
+    W_, U_, Kd_, gC_ = xs
+    D = U_ - jnp.einsum("bhck,bhvk->bhcv", W_, S)
+    S_next = jnp.exp(gC_)[..., None] * S + jnp.einsum("bhcv,bhck->bhvk", D, Kd_)
+    return S_next, (S, D)
 
-  xs = (jnp.moveaxis(M, 2, 0), jnp.moveaxis(Nn, 2, 0))
-  S_final, S0_NBHVK = lax.scan(step, S_BHVK, xs)
-  O = O_intra + jnp.einsum("bhnck,nbhvk->bhncv", Qe, S0_NBHVK)
-  O = O.reshape(B, H, N * C, V)[:, :, :T]
-  return jnp.moveaxis(O, 1, 2), S_final
+  S_final, (S0, D) = lax.scan(step, S_BHVK, (W, U, Kdec, gC))
+  O = jnp.einsum("nbhck,nbhvk->nbhcv", jnp.exp(g)[..., None] * q, S0)
+  O = O + jnp.einsum("nbhij,nbhjv->nbhiv", P_, D)  # [N,B,H,C,V]
+  O = jnp.transpose(O, (1, 0, 3, 2, 4)).reshape(B, N * C, H, V)[:, :T]
+  return O, S_final
 
 
 def gated_delta_rule(q, k, v, alpha, beta, *, initial_state=None, mode="chunk", chunk_size=64):
