@@ -39,6 +39,7 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
             "eval/examples": n}
   for d in sorted(counts):
     result[f"eval/accuracy_d{d}"] = hits[d] / counts[d]
+    result[f"eval/examples_d{d}"] = counts[d]
   return result
 
 

@@ -78,6 +78,11 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   else:
     step, state, data_state = restored
     log.info("resumed from step %d", step)
+  eval_path = os.path.join(cfg.run_dir, "eval.json")
+  if step >= cfg.train.steps and os.path.exists(eval_path):
+    ckpt.close()  # a finished run: report its final eval instead of logging it twice
+    with open(eval_path) as f:
+      return json.load(f)
   slot, slots = shd.process_slot(trainer.mesh, cfg.train.batch_size)
   it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
                                     process_index=slot, process_count=slots, start_step=step)

@@ -38,6 +38,7 @@ import yaml
 
 from sleep_jax import config as config_lib
 from sleep_jax import sweep_results
+from sleep_jax.sweep_results import read_record
 from sleep_jax.config import Config, ConfigError
 
 log = logging.getLogger("sleep_jax.sweep")
@@ -45,7 +46,6 @@ log = logging.getLogger("sleep_jax.sweep")
 SWEEP_KEYS = ("name", "base", "root", "overrides", "grid", "zip", "points", "eval")
 EVAL_KEYS = ("overrides", "grid", "zip", "batches")
 LABEL = "label"
-RECORD = "point.json"
 # Keys that change how a point runs, not what it computes: editing them keeps a done point done.
 HOW_KEYS = ("run_dir", "mesh.", "distributed.", "checkpoint.", "data.prefetch", "data.data_dir",
             "train.log_every", "train.eval_every", "train.eval_batches")
@@ -119,12 +119,6 @@ def _short_names(keys: list[str]) -> dict[str, str]:
   return out
 
 
-def _value_name(v: Any) -> str:
-  if isinstance(v, (list, tuple)):
-    return "+".join(_value_name(x) for x in v)
-  return _fmt(v) if not isinstance(v, str) else v
-
-
 def _mapping(x: Any, where: str) -> dict:
   if x is None:
     return {}
@@ -177,6 +171,41 @@ def _resolve_base(base: Any, sweep_path: str) -> str:
 
 def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
   """Parse, expand and validate a sweep file; `overrides` (e.g. from the CLI) apply last."""
+  raw = _read(path)
+  name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
+  base = _resolve_base(raw["base"], path)
+  root = str(raw.get("root") or os.path.join("runs", "sweeps", _safe(name)))
+  common = _str_list(raw.get("overrides"), f"{path}: overrides") + _str_list(list(overrides), "command-line overrides")
+  extra = raw.get("points") or []
+  if not isinstance(extra, list) or not all(isinstance(p, dict) and p for p in extra):
+    raise SweepError(f"{path}: points must be a list of mappings (key: value, optional label)")
+  specs = _combos(raw, path)
+  specs = (specs if specs is not None else [] if extra else [{}]) + [dict(p) for p in extra]
+  varied = list(dict.fromkeys(k for s in specs for k in s if k != LABEL))
+  short = _short_names(varied)
+  points, seen = [], {}
+  for i, s in enumerate(specs):
+    label = s.pop(LABEL, None)
+    if label is not None and not isinstance(label, (str, int, float)):
+      raise SweepError(f"{path}: point {i}: label must be a string")
+    shown = ",".join(f"{short[k]}={sweep_results.show(v)}" for k, v in s.items())
+    pname = _safe(str(label) if label is not None else shown or "base")
+    if pname in seen:
+      raise SweepError(f"{path}: points {seen[pname]} and {i} are both named '{pname}' (give one a label)")
+    seen[pname] = i
+    points.append(Point(i, pname, os.path.join(root, pname), common + [f"{k}={_fmt(v)}" for k, v in s.items()],
+                        None if label is None else str(label)))
+  evals, batches, eval_varied = _evals(_mapping(raw.get("eval"), f"{path}: eval"), path)
+  sweep = Sweep(path, name, base, root, points, evals, batches, varied, eval_varied, [], [])
+  for p in points:  # every point and evaluation must be a valid config before anything runs
+    where = f"{path}: point {p.index} ({p.name})"
+    sweep.configs.append(_load(base, p.overrides + [f"run_dir={p.run_dir}"], where))
+    sweep.eval_configs.append([_load(base, p.overrides + e.overrides + [f"run_dir={p.run_dir}"],
+                                     f"{where}, eval {e.name or 'entry'}") for e in evals])
+  return sweep
+
+
+def _read(path: str) -> dict:
   if not os.path.exists(path):
     raise SweepError(f"sweep file not found: {path}")
   try:
@@ -191,57 +220,25 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
     raise SweepError(f"{path}: unknown sweep key '{unknown[0]}' (known: {', '.join(SWEEP_KEYS)})")
   if "base" not in raw:
     raise SweepError(f"{path}: missing 'base' (the config every point starts from)")
-  name = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
-  base = _resolve_base(raw["base"], path)
-  root = str(raw.get("root") or os.path.join("runs", "sweeps", _safe(name)))
-  common = _str_list(raw.get("overrides"), f"{path}: overrides") + _str_list(list(overrides), "command-line overrides")
+  return raw
 
-  specs = _combos(raw, path)  # [{key: value}] incl. label
-  extra = raw.get("points") or []
-  if not isinstance(extra, list) or not all(isinstance(p, dict) and p for p in extra):
-    raise SweepError(f"{path}: points must be a list of mappings (key: value, optional label)")
-  specs = (specs if specs is not None else ([] if extra else [{}])) + [dict(p) for p in extra]
-  varied = list(dict.fromkeys(k for s in specs for k in s if k != LABEL))
-  short = _short_names(varied)
-  grid_keys = [k for k in varied if any(k in s for s in specs[:len(specs) - len(extra)])]
 
-  points, seen = [], {}
-  for i, s in enumerate(specs):
-    label = s.get(LABEL)
-    if label is not None and not isinstance(label, (str, int, float)):
-      raise SweepError(f"{path}: point {i}: label must be a string")
-    values = [(k, v) for k, v in s.items() if k != LABEL]
-    shown = values if i < len(specs) - len(extra) else [(k, v) for k, v in values if k in grid_keys] or values
-    pname = _safe(str(label) if label is not None else ",".join(f"{short[k]}={_value_name(v)}" for k, v in shown) or "base")
-    if pname in seen:
-      raise SweepError(f"{path}: points {seen[pname]} and {i} are both named '{pname}' (give one a label)")
-    seen[pname] = i
-    points.append(Point(i, pname, os.path.join(root, pname), common + [f"{k}={_fmt(v)}" for k, v in values],
-                        None if label is None else str(label)))
-
-  ev = _mapping(raw.get("eval"), f"{path}: eval")
+def _evals(ev: dict, path: str) -> tuple[list[EvalEntry], Optional[int], list[str]]:
+  """(eval entries, eval batches, the keys the entries vary) of the `eval` section."""
   bad = [k for k in ev if k not in EVAL_KEYS]
   if bad:
     raise SweepError(f"{path}: unknown eval key '{bad[0]}' (known: {', '.join(EVAL_KEYS)})")
   batches = ev.get("batches")
   if batches is not None and (not isinstance(batches, int) or batches < 1):
     raise SweepError(f"{path}: eval.batches must be a positive integer or null")
-  ev_common = _str_list(ev.get("overrides"), f"{path}: eval.overrides")
-  ev_specs = _combos(ev, path, "eval.") or [{}]
-  eval_varied = list(dict.fromkeys(k for s in ev_specs for k in s))
-  if LABEL in eval_varied:
+  common = _str_list(ev.get("overrides"), f"{path}: eval.overrides")
+  specs = _combos(ev, path, "eval.") or [{}]
+  varied = list(dict.fromkeys(k for s in specs for k in s))
+  if LABEL in varied:
     raise SweepError(f"{path}: eval entries take no label")
-  ev_short = _short_names(eval_varied)
-  evals = [EvalEntry(",".join(f"{ev_short[k]}={_value_name(v)}" for k, v in s.items()),
-                     ev_common + [f"{k}={_fmt(v)}" for k, v in s.items()]) for s in ev_specs]
-
-  sweep = Sweep(path, name, base, root, points, evals, batches, varied, eval_varied, [], [])
-  for p in points:  # every point and evaluation must be a valid config before anything runs
-    where = f"{path}: point {p.index} ({p.name})"
-    sweep.configs.append(_load(base, p.overrides + [f"run_dir={p.run_dir}"], where))
-    sweep.eval_configs.append([_load(base, p.overrides + e.overrides + [f"run_dir={p.run_dir}"],
-                                     f"{where}, eval {e.name or 'entry'}") for e in evals])
-  return sweep
+  short = _short_names(varied)
+  return [EvalEntry(",".join(f"{short[k]}={sweep_results.show(v)}" for k, v in s.items()),
+                    common + [f"{k}={_fmt(v)}" for k, v in s.items()]) for s in specs], batches, varied
 
 
 def _load(base: str, overrides: list[str], where: str) -> Config:
@@ -275,14 +272,6 @@ def fingerprint(sweep: Sweep, index: int) -> str:
   return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
-def read_record(run_dir: str) -> Optional[dict]:
-  try:
-    with open(os.path.join(run_dir, RECORD)) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def point_status(sweep: Sweep, index: int) -> str:
   """done (recorded with this config), partial (something is there), or pending."""
   p = sweep.points[index]
@@ -292,13 +281,6 @@ def point_status(sweep: Sweep, index: int) -> str:
   if rec or os.path.exists(os.path.join(p.run_dir, "config.yaml")):
     return "partial"
   return "pending"
-
-
-def _write_json(path: str, obj: Any) -> None:
-  # Write-then-rename: a killed process never leaves a torn record that looks finished.
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +335,7 @@ def run_point(sweep: Sweep, index: int) -> dict:
             "wall_s": wall_s, "evals": [{"name": e.name, "overrides": e.overrides, "result": r} for e, _, r in evals],
             "rows": rows}
   if jax.process_index() == 0:
-    _write_json(os.path.join(p.run_dir, RECORD), record)
+    sweep_results.write_json(os.path.join(p.run_dir, sweep_results.RECORD), record)
   return record
 
 
@@ -373,6 +355,7 @@ def collect(sweep: Sweep) -> list[dict]:
 
 def run_all(sweep: Sweep) -> list[dict]:
   """Every point in order in this process (done ones skipped), then `collect`."""
+  import jax
   from tqdm import tqdm
 
   from sleep_jax.loop import NonFiniteLoss
@@ -388,7 +371,7 @@ def run_all(sweep: Sweep) -> list[dict]:
       log.error("point %d (%s): %s", p.index, p.name, e)
       diverged.append(e)
   bar.close()
-  rows = collect(sweep)
+  rows = collect(sweep) if jax.process_index() == 0 else []  # one writer of the results files
   if diverged:
     raise diverged[0]
   return rows
@@ -414,7 +397,9 @@ def cmd_sweep(args) -> int:
   elif args.collect:
     print(f"{len(collect(sweep))} rows -> {os.path.join(sweep.root, sweep_results.MD)}")
   elif args.point is not None:
-    run_point(sweep, args.point)
+    record = run_point(sweep, args.point)
+    print(f"point {args.point} ({record['name']}): done, {len(record['rows'])} rows in "
+          f"{os.path.join(sweep.points[args.point].run_dir, sweep_results.RECORD)}")
   else:
     run_all(sweep)
     print(open(os.path.join(sweep.root, sweep_results.MD)).read())
@@ -434,8 +419,9 @@ def register(subparsers) -> None:
   s.add_argument("overrides", nargs="*", help="key=value applied to every point after the sweep's own "
                  "(write them before the options: argparse takes no positionals after them)")
   mode = s.add_mutually_exclusive_group()
-  mode.add_argument("--point", type=int, metavar="I", help="run only point I (a cluster array element); no aggregation")
+  mode.add_argument("--point", type=int, metavar="I", help="run only point I (one cluster job); no aggregation")
   mode.add_argument("--collect", action="store_true", help="only aggregate the finished points")
-  mode.add_argument("--list", action="store_true", help="print index, name, run_dir, status (done/partial/pending), tab-separated")
-  mode.add_argument("--dry-run", action="store_true", help="print each point's `sleep-jax train` command as a JSON list")
+  mode.add_argument("--list", action="store_true",
+                    help="print index, name, run_dir, status (done/partial/pending), tab-separated")
+  mode.add_argument("--dry-run", action="store_true", help="print each point's `sleep-jax train` command, a JSON list")
   s.set_defaults(func=cmd_sweep)

@@ -15,6 +15,22 @@ from typing import Any, Optional
 
 STYLES = ("--", ":", "-.")  # baselines: one dash style per label
 JSON, MD, PLOT = "results.json", "results.md", "accuracy_vs_passes.png"
+RECORD = "point.json"  # in each point's run dir; `done: true` marks the point finished
+
+
+def read_record(run_dir: str) -> Optional[dict]:
+  try:
+    with open(os.path.join(run_dir, RECORD)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def write_json(path: str, obj: Any) -> None:
+  # Write-then-rename: a killed process never leaves a torn file that looks finished.
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(path + ".tmp", path)
 
 
 def varied_values(cfg, ecfg, varied: list[str], eval_varied: list[str]) -> dict[str, Any]:
@@ -64,11 +80,11 @@ def _key(v: Any) -> str:
   return json.dumps(v, sort_keys=True, default=str)
 
 
-def _show(v: Any) -> str:
+def show(v: Any) -> str:
   if isinstance(v, float):
     return f"{v:g}"
   if isinstance(v, (list, tuple)):
-    return "+".join(_show(x) for x in v)
+    return "+".join(show(x) for x in v)
   return "-" if v is None else str(v)
 
 
@@ -110,9 +126,7 @@ def layout(rows: list[dict], varied: list[str]):
 def write(rows: list[dict], varied: list[str], root: str, *, name: str) -> None:
   """ROOT/results.json (the rows), results.md (the table) and accuracy_vs_passes.png."""
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, JSON + ".tmp"), "w") as f:
-    json.dump(rows, f, indent=2, default=str)
-  os.replace(os.path.join(root, JSON + ".tmp"), os.path.join(root, JSON))
+  write_json(os.path.join(root, JSON), rows)
   with open(os.path.join(root, MD), "w") as f:
     f.write(markdown_table(rows, varied, title=f"Sweep `{name}`: exact-match accuracy (%)"))
   if rows:
@@ -129,9 +143,9 @@ def markdown_table(rows: list[dict], varied: list[str], *, title: str) -> str:
   for g in groups:
     found = [cells.get((g, c)) for c in cols]
     n = [r["eval_examples"] for r in found if r is not None and r.get("eval_examples") is not None]
-    lines.append("| " + " | ".join([_show(json.loads(v)) for v in g]
+    lines.append("| " + " | ".join([show(json.loads(v)) for v in g]
                                    + [f"{100 * r['accuracy']:.1f}" if r else "" for r in found]
-                                   + [_show(min(n)) if n else ""]) + " |")
+                                   + [show(min(n)) if n else ""]) + " |")
   lines += ["", "N = sleep passes; labelled columns are baselines; eval examples = the fewest behind any cell "
             "of the row."]
   return "\n".join(lines) + "\n"
@@ -150,7 +164,7 @@ def plot_accuracy(rows: list[dict], varied: list[str], path: str, *, title: str)
   ns = set()
   for i, g in enumerate(groups):
     color = f"C{i % 10}"
-    name = " ".join(f"{keys[j].split('.')[-1]}={_show(json.loads(g[j]))}" for j in shown)
+    name = " ".join(f"{keys[j].split('.')[-1]}={show(json.loads(g[j]))}" for j in shown)
     pts = sorted((r["passes"], r["accuracy"]) for (rk, _), r in cells.items() if rk == g and r.get("label") is None)
     ns.update(n for n, _ in pts)
     if pts:

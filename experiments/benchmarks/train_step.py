@@ -1,0 +1,139 @@
+"""Train-step CPU-MFU against a jnp.dot peak timed in the same process; async-save stall;
+share of step time spent waiting for data.
+
+  python experiments/benchmarks/train_step.py [--model transformer|hybrid|all] [--steps 8]
+
+MFU counts model FLOPs (6 x matmul params x tokens + causal attention, PaLM appendix B
+style, no remat recompute) divided by step time, over the peak of a large f32 matmul.
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from sleep_jax import data as data_lib  # noqa: E402
+from sleep_jax import sharding as shd  # noqa: E402
+from sleep_jax.checkpoint import Checkpointer  # noqa: E402
+from sleep_jax.config import load_config  # noqa: E402
+from sleep_jax.train import Trainer  # noqa: E402
+
+
+def dot_peak(n: int = 2048, reps: int = 10) -> float:
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(jnp.dot)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / min(times)
+
+
+def model_flops_per_step(cfg, params) -> float:
+  """6 * (matmul params) * tokens + causal attention (fwd+bwd) for attention layers."""
+  B, T = cfg.train.batch_size, cfg.data.seq_len - 1
+  n_matmul = sum(p.size for path, p in jax.tree_util.tree_leaves_with_path(params)
+                 if p.ndim >= 2 and "embed" != getattr(path[-1], "key", None) and "scale" not in str(path[-1]))
+  n_attn_layers = cfg.model.n_layers if cfg.model.kind == "transformer" else (
+      cfg.model.layer_pattern.count("attn") * cfg.model.pattern_repeats)
+  attn_width = cfg.model.n_heads * cfg.model.head_dim
+  # QK^T and PV: 2 matmuls x 2 flops x T^2/2 (causal) x width, times 3 for fwd + bwd.
+  attn = 3 * 2 * 2 * (T * T / 2) * attn_width * n_attn_layers * B
+  return 6 * n_matmul * B * T + attn
+
+
+def write_corpus(path: str, n_bytes: int = 4_000_000) -> None:
+  rng = np.random.default_rng(0)
+  words = ["sleep", "dream", "memory", "state", "chunk", "pass", "weight", "model", "token", "the", "a", "of"]
+  text = " ".join(rng.choice(words, size=n_bytes // 5))
+  with open(path, "w") as f:
+    f.write(text[:n_bytes])
+
+
+def bench(name: str, overrides: list[str], steps: int, tmp: str, peak: float) -> dict:
+  cfg = load_config(None, overrides + [f"run_dir={tmp}/{name}", f"data.data_dir={tmp}/data",
+                                       "data.source=text", f"data.text_path={tmp}/corpus.txt"])
+  trainer = Trainer(cfg)
+  state = trainer.init_state()
+  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=0)
+  state, m = trainer.train_step(state, shd.global_batch(next(it), trainer.mesh))  # compile
+  jax.block_until_ready(m)
+  ckpt = Checkpointer(cfg.run_dir, keep=2, async_save=True)
+  step_times, data_times, save_stalls = [], [], []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    local = next(it)
+    t1 = time.perf_counter()
+    state, m = trainer.train_step(state, shd.global_batch(local, trainer.mesh))
+    jax.block_until_ready(m)
+    t2 = time.perf_counter()
+    data_times.append(t1 - t0)
+    step_times.append(t2 - t0)
+    if i % 3 == 2:  # an async save, as the loop does it; the stall is the blocking part
+      ts = time.perf_counter()
+      ckpt.save(i, state, it.get_state())
+      save_stalls.append(time.perf_counter() - ts)
+  ckpt.close()
+  step = statistics.median(step_times)
+  flops = model_flops_per_step(cfg, state["params"])
+  return {"model": name, "step_s": step, "mfu": flops / step / peak, "model_tflops": flops / 1e12,
+          "save_stall_frac": statistics.median(save_stalls) / step,
+          "data_wait_frac": sum(data_times) / sum(step_times),
+          "tokens_per_s": cfg.train.batch_size * (cfg.data.seq_len - 1) / step}
+
+
+COMMON = ["train.batch_size=8", "data.seq_len=513", "model.vocab_size=256", "model.d_model=512",
+          "model.n_heads=8", "model.head_dim=64", "model.d_ff=2048", "model.remat=false",
+          "train.warmup_steps=1", "data.train_examples=100000", "data.eval_examples=16"]
+MODELS = {
+    "transformer": ["model.kind=transformer", "model.n_layers=4"],
+    "hybrid": ["model.kind=hybrid", "model.layer_pattern=[attn,gdn]", "model.pattern_repeats=2",
+               "sleep.chunk_len=512", "sleep.passes=1"],
+}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--model", default="all", choices=["all", *MODELS])
+  ap.add_argument("--steps", type=int, default=9)
+  args = ap.parse_args()
+  names = list(MODELS) if args.model == "all" else [args.model]
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    write_corpus(os.path.join(tmp, "corpus.txt"))
+    peak = dot_peak()
+    for name in names:
+      try:
+        rows.append(bench(name, COMMON + MODELS[name], args.steps, tmp, peak))
+      except ImportError as e:  # the hybrid model lands with the sleeping-model issue
+        print(f"{name}: skipped ({e})")
+    peak_after = dot_peak()
+  print(f"jnp.dot peak: {peak / 1e9:.1f} GFLOP/s (before), {peak_after / 1e9:.1f} GFLOP/s (after)")
+  print(f"{'model':<12}{'step s':>9}{'MFU':>7}{'tok/s':>9}{'save stall':>12}{'data wait':>11}")
+  for r in rows:
+    print(f"{r['model']:<12}{r['step_s']:>9.3f}{r['mfu']:>7.2f}{r['tokens_per_s']:>9.0f}"
+          f"{r['save_stall_frac']:>12.3f}{r['data_wait_frac']:>11.4f}")
+  out = {"peak_gflops": peak / 1e9, "devices": jax.device_count()}
+  for r in rows:
+    prefix = "" if r["model"] == "transformer" else f"{r['model']}_"
+    out.update({f"{prefix}mfu": r["mfu"], f"{prefix}save_stall_frac": r["save_stall_frac"],
+                f"{prefix}data_wait_frac": r["data_wait_frac"], f"{prefix}step_s": r["step_s"]})
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
