@@ -102,7 +102,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
       t0 = time.perf_counter()
       local = next(it)
       t1 = time.perf_counter()
-      state, metrics = trainer.train_step(state, shd.global_batch(local, trainer.mesh))
+      state, metrics = trainer.step_fn(step)(state, shd.global_batch(local, trainer.mesh))
       metrics = jax.device_get(metrics)
       step += 1
       now = time.perf_counter()

@@ -6,6 +6,8 @@ as it is). `Trainer` builds the mesh, shardings and jitted steps once; `loop.py`
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -83,8 +85,17 @@ class Trainer:
          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
         self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    jit_step = lambda fn: jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self.train_step = jit_step(functools.partial(self._train_step, cfg=cfg, update_mask=None))
+    # Sliding-window recipe (paper A): first train only the GDN layers under hard eviction.
+    self.warmup_steps = cfg.sleep.warmup_gdn_steps if cfg.model.kind == "hybrid" else 0
+    if self.warmup_steps:
+      from sleep_jax.sleep import gdn_only_mask
+
+      hard = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eviction="hard"))
+      self.warmup_step = jit_step(functools.partial(
+          self._train_step, cfg=hard, update_mask=gdn_only_mask(abstract_params)))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
                              out_shardings=rep)
 
@@ -103,16 +114,20 @@ class Trainer:
     return nnx.merge(self.graphdef, cast_params(params, self.cfg.model.compute_dtype))
 
   # -- steps -------------------------------------------------------------------------------
-  def _stats(self, params, batch):
+  def step_fn(self, step: int):
+    """The jitted train step to use at `step` (warm-up phase or main phase)."""
+    return self.warmup_step if step < self.warmup_steps else self.train_step
+
+  def _stats(self, params, batch, cfg: Config | None = None):
     inputs, targets, mask = split_batch(batch)
-    logits = forward(self.model(params), inputs, mask, self.cfg)
+    logits = forward(self.model(params), inputs, mask, cfg or self.cfg)
     return token_stats(logits, targets, mask)
 
-  def _train_step(self, state, batch):
-    accum = self.cfg.train.grad_accum
+  def _train_step(self, state, batch, *, cfg: Config, update_mask):
+    accum = cfg.train.grad_accum
 
     def loss_sum(params, micro):
-      s = self._stats(params, micro)
+      s = self._stats(params, micro, cfg)
       return s["loss_sum"], s
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -134,6 +149,8 @@ class Trainer:
     n = jnp.maximum(stats["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    if update_mask is not None:  # frozen parameters stay bit-identical (no decay either)
+      updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, update_mask)
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": stats["loss_sum"] / n, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state["step"]), "answer_tokens": stats["tokens"],

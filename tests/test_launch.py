@@ -142,12 +142,12 @@ def test_command_errors_are_one_line():
 
 
 def write_sweep(tmp_path, data_dir, root=None, steps=3):
+  from test_launch_local import overrides
+
   path = tmp_path / "sweep.yaml"
-  path.write_text(yaml.safe_dump({
-      "name": "two", "base": TINY, "root": str(root or tmp_path / "sweep"),
-      "overrides": [f"train.steps={steps}", "checkpoint.every=2", "data.train_examples=256", "data.eval_examples=64",
-                    f"data.data_dir={data_dir}", "train.eval_batches=1"],
-      "grid": {"seed": [0, 1]}, "eval": {"batches": 1}}))
+  path.write_text(yaml.safe_dump({"name": "two", "base": TINY, "root": str(root or tmp_path / "sweep"),
+                                  "overrides": overrides(data_dir, steps), "grid": {"seed": [0, 1]},
+                                  "eval": {"batches": 1}}))
   return str(path)
 
 
@@ -172,16 +172,15 @@ def test_sweep_fans_out_unfinished_points(tmp_path, data_dir):
 # The sbatch script, run by bash with stub srun and scontrol that record their arguments
 
 
-def sbatch_script(args, tmp_path):
-  res = launch(["slurm", "--dry-run", "--script-dir", str(tmp_path / "scripts"), *args])
-  assert res.returncode == 0, res.stderr
-  text = res.stdout.split(":\n", 1)[1].split("\n# end of ", 1)[0]
+def sbatch_script(capsys, args, tmp_path):
+  assert cli.main(["launch", "slurm", "--dry-run", "--script-dir", str(tmp_path / "scripts"), *args]) == 0
+  printed = capsys.readouterr().out
   path = tmp_path / "job.sbatch"
-  path.write_text(text + "\n")
-  return path, res.stdout
+  path.write_text(printed.split(":\n", 1)[1].split("\n# end of ", 1)[0] + "\n")
+  return path, printed
 
 
-def run_script(path, tmp_path, *, step_rc, env, term_after=None):
+def run_script(path, tmp_path, *, step_rc, env, term_after=0.0):
   stubs = tmp_path / "bin"
   stubs.mkdir(exist_ok=True)
   rec = tmp_path / "calls.jsonl"
@@ -189,7 +188,7 @@ def run_script(path, tmp_path, *, step_rc, env, term_after=None):
     (stubs / name).write_text(f"#!{sys.executable}\nimport json, os, sys, time\n"
                               f"open({str(rec)!r}, 'a').write(json.dumps([{name!r}] + sys.argv[1:] + "
                               f"[os.environ.get('NOTE')]) + '\\n')\n"
-                              + (f"time.sleep(1.5)\nsys.exit({step_rc})\n" if name == "srun" else ""))
+                              + (f"time.sleep({term_after * 3})\nsys.exit({step_rc})\n" if name == "srun" else ""))
     (stubs / name).chmod(0o755)
   env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", **env}
   p = subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -204,9 +203,9 @@ def run_script(path, tmp_path, *, step_rc, env, term_after=None):
   return p.returncode, out, calls, notes
 
 
-def test_sbatch_script_requeues_its_own_array_element_on_preemption(tmp_path, data_dir):
+def test_sbatch_script_requeues_its_own_array_element_on_preemption(capsys, tmp_path, data_dir):
   sweep = write_sweep(tmp_path, data_dir)
-  path, printed = sbatch_script(["--retries", "2", "--time", "00:30:00", "--partition", "debug", "--nodes", "2",
+  path, printed = sbatch_script(capsys, ["--retries", "2", "--time", "00:30:00", "--partition", "debug", "--nodes", "2",
                                  "--ntasks-per-node", "4", "--", "sweep", sweep], tmp_path)
   for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --time=00:30:00", "#SBATCH --partition=debug",
                "#SBATCH --requeue", "#SBATCH --signal=TERM@120", "#SBATCH --array=0,1", "#SBATCH --open-mode=append"):

@@ -97,7 +97,8 @@ def test_gcloud_accepts_the_tpu_vm_arguments(capsys, tmp_path):
                           "--spot", "--delete"], train(tmp_path))
   cmds += dry_run(capsys, ["tpu-vm", "--name=pod1", "--zone=us-central2-b", "--tpu-type=v4-32", "--delete"], train(tmp_path))
   env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_"))}
-  env.update(CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), CLOUDSDK_CORE_DISABLE_PROMPTS="1")
+  # The second set names no --project: it comes from gcloud's configuration, as usual.
+  env.update(CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), CLOUDSDK_CORE_DISABLE_PROMPTS="1", CLOUDSDK_CORE_PROJECT="proj")
   for argv in cmds:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode != 0 and "active account" in res.stderr, (argv, res.stderr[-1500:])
@@ -114,7 +115,7 @@ def test_hostile_values_stay_inert(capsys, tmp_path, monkeypatch, value):
   recorder = tmp_path / "argv.py"
   recorder.write_text("import json, os, sys\nprint(json.dumps([os.environ['NOTE'], *sys.argv[1:]]))\n")
   entry, env = f"--entrypoint={shlex.join([sys.executable, str(recorder)])}", f"--env=NOTE={value}"
-  cmd = ["eval", value, f"data.text_path={value}"]  # eval: its values are checked where it runs
+  cmd = ["eval", f"./{value}", f"data.text_path={value}"]  # eval: its values are checked where it runs
   lines = dry_run(capsys, ["tpu-vm", "--name=t", "--zone=z", "--reuse", entry, env], cmd)
   lines += dry_run(capsys, ["xpk", "--cluster=c", "--tpu-type=v4-8", "--workload=w", entry, env], cmd)
   shells = [a.split("=", 1)[1] for argv in lines for a in argv if a.startswith("--command=")]
@@ -123,7 +124,7 @@ def test_hostile_values_stay_inert(capsys, tmp_path, monkeypatch, value):
     assert shlex.split(text) == ["env", f"NOTE={value}", sys.executable, str(recorder), *cmd]
     res = subprocess.run(["bash", "-c", text], capture_output=True, text=True)
     assert json.loads(res.stdout) == [value, *cmd], text
-  path, _ = sbatch_script([entry, env, "--", *cmd], tmp_path)
+  path, _ = sbatch_script(capsys, [entry, env, "--", *cmd], tmp_path)
   rc, out, calls, notes = run_script(path, tmp_path, step_rc=0, env={})
   assert rc == 0, out
   assert calls == [["srun", "--kill-on-bad-exit=1", sys.executable, str(recorder), *cmd]] and notes == [value]
