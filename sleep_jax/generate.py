@@ -33,7 +33,7 @@ from flax import nnx
 
 from sleep_jax.config import Config, to_yaml
 from sleep_jax.models.layers import attention_mask
-from sleep_jax.sleep import check_eviction, consolidate, make_pass
+from sleep_jax.sleep import check_eviction, make_pass, run_passes
 
 Cache = dict[str, Any]
 
@@ -86,14 +86,13 @@ def _hybrid_sleep(model, cache: Cache, cfg: Config) -> Cache:
   graphdef, state = nnx.split(model)
   one_pass = make_pass(graphdef, positions_BL, c > 0, L, sliding)
   ctx = tuple((k[:, :, :L], v[:, :, :L]) for k, v in cache["kv"]) if sliding else None
-  pass_fn = lambda h, S: one_pass(state, h, S, ctx)[:2]
-  S, n_B = consolidate(pass_fn, cache["h"], cache["S"], jnp.ones((B,), bool), passes=cfg.sleep.passes,
-                       tol=cfg.sleep.adaptive_tol)
+  S, n_B, _, _ = run_passes(lambda h, S: one_pass(state, h, S, ctx), cache["h"], cache["S"], jnp.ones((B,), bool),
+                            passes=cfg.sleep.passes, start=1, tol=cfg.sleep.adaptive_tol)
   kv = cache["kv"]
   if sliding:  # the completed chunk becomes the previous one; its K/V are pass 1's
     kv = tuple((k.at[:, :, :L].set(k[:, :, L:]), v.at[:, :, :L].set(v[:, :, L:])) for k, v in kv)
   return {**cache, "S": S, "kv": kv, "conv": jax.tree.map(jnp.zeros_like, cache["conv"]),
-          "passes": cache["passes"] + n_B}
+          "passes": cache["passes"] + n_B - 1}
 
 
 def hybrid_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config):

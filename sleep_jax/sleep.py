@@ -15,19 +15,21 @@ pass 1, i.e. the KV cache wake decoding built while reading that chunk (sleep ne
 the KV cache, it only updates S).
 
 Consolidation is decided PER EXAMPLE: chunk c of example b consolidates iff all its targets
-are masked. The extra passes run (as a `lax.cond`) when any example in the batch needs them;
-examples that do not keep S_1 (`jnp.where`), so an example's result never depends on its
-batch mates. With the fixed task layouts every example agrees, and a batch of prediction
-chunks pays for one pass only.
+are masked. The extra passes run (under a `lax.cond`) while any example in the batch needs
+them; examples that do not keep S_1 (`jnp.where`), so an example's result never depends on
+its batch mates. With the fixed task layouts every example agrees, and a batch of
+prediction chunks pays for one pass only.
 
-Memory: every pass is `jax.checkpoint`-ed (only its inputs h, S are saved) and passes 2..N
-are a `lax.scan`, so the backward pass holds one pass's activations at a time plus the
-per-pass carries. `truncate_passes` = K stops gradients into the last K passes;
-`adaptive_tol` > 0 freezes each example once |S_n - S_{n-1}| / |S_n| < tol (at most N passes).
+Memory: all N passes of a chunk are ONE `lax.scan` over a `jax.checkpoint`-ed pass (only its
+inputs h, S are saved), and with cfg.model.remat each chunk is rematerialised too, so the
+backward holds one pass's activations plus one chunk's per-pass carries: flat in N up to
+N * (h + S) of a single chunk. `truncate_passes` = K lets gradients reach only the last K
+passes; `adaptive_tol` > 0 stops each example once |S_n - S_{n-1}| / |S_n| < tol (at most N).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -36,7 +38,7 @@ from flax import nnx
 
 from sleep_jax.config import Config
 
-PassFn = Callable[[jax.Array, tuple], tuple[jax.Array, tuple]]
+PassFn = Callable[[jax.Array, tuple], tuple[jax.Array, tuple, tuple]]  # (h, S) -> (h, S, kv)
 
 
 def check_eviction(eviction: str) -> bool:
@@ -47,85 +49,96 @@ def check_eviction(eviction: str) -> bool:
   return eviction == "sliding"
 
 
-def _where_B(active_B, new, old):
-  """Per-example select on pytrees whose batch axis is 1 (S: [R, B, ...]) or 0 (h: [B, ...])."""
-  def sel(a, b, axis):
+def _select_B(take_B, new, old, batch_axis: int):
+  """Per-example select on a pytree whose batch axis is `batch_axis`."""
+  def sel(a, b):
     shape = [1] * a.ndim
-    shape[axis] = a.shape[axis]
-    return jnp.where(active_B.reshape(shape), a, b)
+    shape[batch_axis] = a.shape[batch_axis]
+    return jnp.where(take_B.reshape(shape), a, b)
 
-  h_new, S_new = new
-  h_old, S_old = old
-  return sel(h_new, h_old, 0), jax.tree.map(lambda a, b: sel(a, b, 1), S_new, S_old)
-
-
-def _repeat(pass_fn: PassFn, carry, n: int):
-  if n <= 0:
-    return carry
-  return jax.lax.scan(lambda c, _: (pass_fn(*c), None), carry, None, length=n)[0]
+  return jax.tree.map(sel, new, old)
 
 
 def _state_sq_B(S) -> jax.Array:
   return sum(jnp.sum(jnp.square(s.astype(jnp.float32)), axis=(0, 2, 3, 4)) for s in S)
 
 
-def consolidate(pass_fn: PassFn, h1_BLD, S1, active_B, *, passes: int, truncate: int = 0, tol: float = 0.0):
-  """Passes 2..N of a chunk from pass 1's output (h_1, S_1). Returns (S, passes_used_B).
+def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int = 0, truncate: int = 0,
+               tol: float = 0.0, keep_kv: bool = False):
+  """Passes start+1 .. N of one chunk as ONE `lax.scan`. Returns (S, passes_B, h_1, kv_1).
 
-  Examples with active_B False (prediction chunks) keep S_1 and report 1 pass.
-  truncate K in (0, N): gradients reach only the last K passes (stop_gradient on the carry
-  entering pass N-K+1). tol > 0: adaptive depth, each example frozen once its relative state
-  change drops below tol; `lax.scan` + `lax.cond` rather than a while_loop so it stays
-  differentiable and skips the compute of passes no example needs. (Truncation is ignored
-  in adaptive mode: "the last K passes" is not defined before the loop ends.)
+  pass_fn(h, S) -> (h, S, kv) is one (rematerialised) pass of the stack. start = 0: the scan
+  begins with pass 1 from the embeddings (sleep_forward); start = 1: (h, S) are pass 1's
+  outputs (wake decoding computed pass 1 token by token). h_1 and kv_1 are pass 1's features
+  and attention K/V (start = 0 only; kv_1 only with keep_kv).
+
+  Pass 1 and the extra passes being one scan body means the program holds a single copy of
+  the pass and of its backward, whatever N; h_1 and kv_1 are picked out with `jnp.where`,
+  whose backward needs only the predicate, so they add nothing per pass to the residuals.
+
+  After pass 1, examples with active_B False (prediction chunks) keep their state; once no
+  example is active the remaining iterations skip the compute (`lax.cond`). truncate K in
+  (0, N): gradients reach only the last K passes (stop_gradient on the carry entering pass
+  N-K+1; pass 1's logits keep theirs). tol > 0: adaptive depth -- from pass 2 on, an example
+  stops once |S_n - S_{n-1}| / |S_n| < tol (scan + cond rather than a while_loop, so it stays
+  differentiable and still skips the compute; truncation is ignored: "the last K passes" is
+  not known before the loop ends).
   """
-  B = h1_BLD.shape[0]
-  ones_B = jnp.ones((B,), jnp.int32)
-  if passes <= 1 or not S1:  # no GDN layer: nothing survives a chunk, sleeping is a no-op
-    return S1, ones_B
+  B = h_BLD.shape[0]
+  if not S:  # no GDN layer: nothing survives a chunk, extra passes could change nothing
+    passes = max(start, 1)
+  n_iter = max(passes - start, 0)
+  out_shape = jax.eval_shape(pass_fn, h_BLD, S)
+  h1 = jnp.zeros(out_shape[0].shape, out_shape[0].dtype)
+  kv1 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape[2]) if keep_kv else ()
+  stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
 
-  def fixed(h, S):
-    carry = (h, S)
-    if 0 < truncate < passes:
-      carry = _repeat(pass_fn, carry, passes - truncate - 1)
-      carry = jax.lax.stop_gradient(carry)
-      carry = _repeat(pass_fn, carry, truncate)
-    else:
-      carry = _repeat(pass_fn, carry, passes - 1)
-    return carry[1], jnp.full((B,), passes, jnp.int32)
+  zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape[2]) if keep_kv else ()
 
-  def adaptive(h, S):
-    def step(c, _):
-      def run(c):
-        h, S, done_B, n_B = c
-        h2, S2 = pass_fn(h, S)
-        d_B = _state_sq_B(jax.tree.map(jnp.subtract, S2, S))
-        rel_B = jnp.sqrt(d_B / jnp.maximum(_state_sq_B(S2), 1e-30))
-        h, S = _where_B(done_B, (h, S), (h2, S2))
-        return h, S, done_B | (rel_B < tol), n_B + (~done_B).astype(jnp.int32)
+  # The remat boundary is around the cond, not inside it: a cond would hand its branch's
+  # residuals (the parameters among them) out per iteration, and the scan would stack them.
+  # Here the scan saves only this step's inputs (h, S, flags); parameters and ctx are
+  # loop-invariant closures.
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def step(h, S, done_B, p):
+    def run(h, S):
+      h2, S2, kv = pass_fn(h, S)
+      return h2, S2, (kv if keep_kv else ())
 
-      return jax.lax.cond(jnp.all(c[2]), lambda c: c, run, c), None
+    return jax.lax.cond((p == 0) | ~jnp.all(done_B), run, lambda h, S: (h, S, zero_kv()), h, S)
 
-    init = (h, S, ~active_B, ones_B)
-    _, S, _, n_B = jax.lax.scan(step, init, None, length=passes - 1)[0]
-    return S, n_B
+  def body(carry, p):  # p: 0-based index of this pass
+    h, S, h1, kv1, done_B, n_B = carry
+    if stop_at > 0:
+      h, S = jax.tree.map(lambda a: jnp.where(p == stop_at, jax.lax.stop_gradient(a), a), (h, S))
+    first = p == 0
+    h2, S2, kv = step(h, S, done_B, p)
+    take_B = first | ~done_B
+    h_new = _select_B(take_B, h2, h, 0)
+    S_new = _select_B(take_B, S2, S, 1)
+    done_new = jnp.where(first, ~active_B, done_B)
+    if tol > 0:
+      rel_B = jnp.sqrt(_state_sq_B(jax.tree.map(jnp.subtract, S2, S)) / jnp.maximum(_state_sq_B(S2), 1e-30))
+      done_new = done_new | ((p >= 1) & (rel_B < tol))
+    h1 = jnp.where(first, h2, h1)
+    kv1 = jax.tree.map(lambda a, b: jnp.where(first, a, b), kv, kv1)
+    return (h_new, S_new, h1, kv1, done_new, n_B + take_B.astype(jnp.int32)), None
 
-  body = adaptive if tol > 0 else fixed
-  skip = lambda h, S: (S, ones_B)
-  S_N, n_B = jax.lax.cond(jnp.any(active_B), body, skip, h1_BLD, S1)
-  _, S_out = _where_B(active_B, (h1_BLD, S_N), (h1_BLD, S1))
-  return S_out, jnp.where(active_B, n_B, 1)
+  done0 = ~active_B if start > 0 else jnp.zeros((B,), bool)
+  init = (h_BLD, S, h1, kv1, done0, jnp.full((B,), start, jnp.int32))
+  (_, S, h1, kv1, _, n_B), _ = jax.lax.scan(body, init, jnp.arange(start, start + n_iter))
+  return S, n_B, h1, kv1
 
 
 def make_pass(graphdef, positions_BL, ctx_valid, chunk_len: int, sliding: bool):
-  """A rematerialised pure pass: (params state, h, S, ctx) -> (h, S, kv)."""
+  """A pure pass: (params state, h, S, ctx) -> (h, S, kv) (`run_passes` rematerialises it)."""
 
   def one_pass(state, h, S, ctx):
     model = nnx.merge(graphdef, state)
     return model.run_pass(h, S, positions_BL, ctx=ctx if sliding else None, ctx_valid=ctx_valid,
                           chunk_len=chunk_len)
 
-  return jax.checkpoint(one_pass, policy=jax.checkpoint_policies.nothing_saveable)
+  return one_pass
 
 
 def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
@@ -146,29 +159,30 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
   to_chunks = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad))).reshape(B, C, L), 1, 0)
   tokens_CBL, mask_CBL = to_chunks(inputs_BT), to_chunks(target_mask_BT)
   graphdef, state = nnx.split(model)
-  dtype = jnp.dtype(mc.compute_dtype)
 
-  def chunk(carry, xs):
+  def chunk(state, carry, xs):
     S, ctx = carry
     tokens_BL, mask_BL, c = xs
     positions_BL = jnp.broadcast_to(c * L + jnp.arange(L, dtype=jnp.int32), (B, L))
     one_pass = make_pass(graphdef, positions_BL, c > 0, L, sliding)
     m = nnx.merge(graphdef, state)
-    h1, S1, kv1 = one_pass(state, m.embed_tokens(tokens_BL), S, ctx)
-    logits_BLV = m.logits(h1)
-    pass_fn = lambda h, S_: one_pass(state, h, S_, ctx)[:2]
     active_B = jnp.all(mask_BL == 0, axis=1)
-    S_out, n_B = consolidate(pass_fn, h1, S1, active_B, passes=N, truncate=sc.truncate_passes, tol=tol)
-    return (S_out, kv1 if sliding else ctx), (logits_BLV, n_B)
+    S_out, n_B, h1, kv1 = run_passes(lambda h, S_: one_pass(state, h, S_, ctx), m.embed_tokens(tokens_BL), S,
+                                     active_B, passes=N, truncate=sc.truncate_passes, tol=tol, keep_kv=sliding)
+    return (S_out, kv1 if sliding else ctx), (m.logits(h1), n_B)
 
+  if mc.remat:
+    # Chunk-level remat on top of the per-pass one: the backward keeps only each chunk's
+    # incoming (S, ctx), and the per-pass carries of one chunk at a time, so memory grows
+    # with N by one chunk's (h, S) per pass instead of every chunk's.
+    chunk = jax.checkpoint(chunk, policy=jax.checkpoint_policies.nothing_saveable)
   model0 = nnx.merge(graphdef, state)
   ctx0 = ()
   if sliding:
-    R, H, K = mc.pattern_repeats, mc.n_heads, mc.head_dim
-    z = jnp.zeros((R, B, L, H, K), dtype)
+    z = jnp.zeros((mc.pattern_repeats, B, L, mc.n_heads, mc.head_dim), jnp.dtype(mc.compute_dtype))
     ctx0 = tuple((z, z) for _ in model0.attn_groups)
   xs = (tokens_CBL, mask_CBL, jnp.arange(C, dtype=jnp.int32))
-  _, (logits_CBLV, n_CB) = jax.lax.scan(chunk, (model0.zero_state(B), ctx0), xs)
+  _, (logits_CBLV, n_CB) = jax.lax.scan(lambda carry, x: chunk(state, carry, x), (model0.zero_state(B), ctx0), xs)
   logits_BTV = jnp.moveaxis(logits_CBLV, 0, 1).reshape(B, C * L, -1)[:, :T]
   if return_passes:
     return logits_BTV, n_CB.T

@@ -24,9 +24,9 @@ from sleep_jax.sleep import gdn_only_mask, sleep_forward
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def tiny_cfg(eviction="hard", passes=1, L=8, **sleep):
+def tiny_cfg(eviction="hard", passes=1, L=8, pattern=("attn", "gdn"), **sleep):
   model = ModelConfig(kind="hybrid", vocab_size=8, d_model=32, n_heads=2, head_dim=16, d_ff=64, eviction=eviction,
-                      layer_pattern=["attn", "gdn"], pattern_repeats=1, gdn_conv=4, gdn_chunk=4, init_std=0.2)
+                      layer_pattern=list(pattern), pattern_repeats=1, gdn_conv=4, gdn_chunk=4, init_std=0.2)
   return Config(model=model, sleep=SleepConfig(passes=passes, chunk_len=L, **sleep))
 
 

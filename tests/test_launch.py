@@ -166,6 +166,11 @@ def test_sweep_fans_out_unfinished_points(tmp_path, data_dir):
   assert res.returncode == 0, res.stderr
   assert "#SBATCH --array=1\n" in res.stdout and "--dependency=afterok:JOBID" in res.stdout
   assert f"sleep_jax.cli sweep {path} --point \"$SLURM_ARRAY_TASK_ID\" &" in res.stdout
+  res = launch(["local", "-n", "2", "--dry-run", "--", "sweep", path])
+  runs = [shlex.split(l, comments=True) for l in res.stdout.splitlines() if l.startswith("env ")]
+  runs = [argv[argv.index(sys.executable):] for argv in runs]
+  tail = [sys.executable, "-m", "sleep_jax.cli", "sweep", path]
+  assert runs == [tail + ["--point", "1"]] * 2 + [tail + ["--collect"]]  # the collect: one process
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """tpu-vm and xpk: dry-run argument lists, xpk's own parser and --dry-run, gcloud's own parser,
 and hostile values that must stay single inert words in every shell string we build."""
 
-import argparse
 import json
 import os
 import shlex
@@ -55,29 +54,62 @@ def test_tpu_vm_on_demand_sweep_dry_run(capsys, tmp_path):
       [*ssh, "--worker=0", f"--command=sleep-jax sweep {sweep} --collect"]]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_xpk():
+  """xpk lives in its own venv (its google-api-core pins protobuf < 6, which breaks
+  tensorflow-datasets): $SLEEP_JAX_XPK, REPO/.venv-xpk, beside this python, or on PATH."""
+  for cand in (os.environ.get("SLEEP_JAX_XPK"), os.path.join(REPO, ".venv-xpk", "bin", "xpk"),
+               os.path.join(os.path.dirname(sys.executable), "xpk"), shutil.which("xpk")):
+    if cand and os.path.exists(cand):
+      return cand
+  return None
+
+
+XPK = find_xpk()
+needs_xpk = pytest.mark.skipif(XPK is None, reason="xpk not installed; in its own venv: "
+                               "`python3 -m venv .venv-xpk && .venv-xpk/bin/pip install xpk` (or set SLEEP_JAX_XPK)")
+# Runs in xpk's own interpreter: its parser, given our arguments, as JSON.
+PARSE = """import argparse, json, sys
+from xpk.parser.core import set_parser
+p = argparse.ArgumentParser(prog="xpk")
+set_parser(parser=p)
+ns = p.parse_args(sys.argv[1:])
+print(json.dumps({k: v for k, v in vars(ns).items() if isinstance(v, (str, int, float, bool, list, type(None)))}))
+"""
+
+
 def xpk_args(tmp_path, *extra):
-  return ["xpk", "--cluster=c1", "--workload=sj-1", "--tpu-type=v5litepod-256", "--num-slices=4", "--project=proj",
-          "--zone=us-west4-a", "--docker-image=gcr.io/proj/sleep-jax:1", "--retries=5", *extra]
+  return ["xpk", f"--xpk={XPK or 'xpk'}", "--cluster=c1", "--workload=sj-1", "--tpu-type=v5litepod-256", "--num-slices=4",
+          "--project=proj", "--zone=us-west4-a", "--docker-image=gcr.io/proj/sleep-jax:1", "--retries=5", *extra]
 
 
-def test_xpk_dry_run_matches_and_xpk_parser_accepts_it(capsys, tmp_path):
-  xpk = pytest.importorskip("xpk.parser.core")
+def test_xpk_dry_run_matches_the_expected_arguments(capsys, tmp_path):
   cmd = train(tmp_path, "sleep.passes=4")
   (got,) = dry_run(capsys, xpk_args(tmp_path, "--priority=high"), cmd)
-  assert got[1:] == ["workload", "create", "--cluster=c1", "--workload=sj-1", "--tpu-type=v5litepod-256", "--num-slices=4",
-                     "--docker-image=gcr.io/proj/sleep-jax:1", "--project=proj", "--zone=us-west4-a", "--priority=high",
-                     "--max-restarts=5", "--restart-on-exit-codes=75", f"--command={shlex.join(['sleep-jax', *cmd])}"]
-  # xpk's own command-line parser reads them as meant.
-  parser = argparse.ArgumentParser(prog="xpk")
-  xpk.set_parser(parser=parser)
-  ns = parser.parse_args(got[1:])
-  assert (ns.cluster, ns.workload, ns.tpu_type, ns.num_slices, int(ns.max_restarts)) == ("c1", "sj-1", "v5litepod-256", 4, 5)
-  assert ns.restart_on_exit_codes == "75" and ns.priority == "high"
-  assert shlex.split(ns.command) == ["sleep-jax", *cmd]
+  assert got == [XPK or "xpk", "workload", "create", "--cluster=c1", "--workload=sj-1", "--tpu-type=v5litepod-256",
+                 "--num-slices=4", "--docker-image=gcr.io/proj/sleep-jax:1", "--project=proj", "--zone=us-west4-a",
+                 "--priority=high", "--max-restarts=5", "--restart-on-exit-codes=75",
+                 f"--command={shlex.join(['sleep-jax', *cmd])}"]
 
 
+@needs_xpk
+def test_xpk_own_parser_reads_our_arguments_as_meant(capsys, tmp_path):
+  cmd = train(tmp_path, "sleep.passes=4")
+  (got,) = dry_run(capsys, xpk_args(tmp_path, "--priority=high"), cmd)
+  python = open(XPK).readline()[2:].strip()  # the interpreter of xpk's venv, from its script
+  res = subprocess.run([python, "-c", PARSE, *got[1:]], capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr[-2000:]
+  ns = json.loads(res.stdout)
+  assert (ns["cluster"], ns["workload"], ns["tpu_type"], ns["num_slices"], int(ns["max_restarts"])) == \
+      ("c1", "sj-1", "v5litepod-256", 4, 5)
+  assert ns["restart_on_exit_codes"] == "75" and ns["priority"] == "high" and ns["docker_image"] == "gcr.io/proj/sleep-jax:1"
+  assert shlex.split(ns["command"]) == ["sleep-jax", *cmd]
+
+
+@needs_xpk
 def test_xpk_own_dry_run_builds_the_jobset(capsys, tmp_path):
-  pytest.importorskip("xpk")
   (got,) = dry_run(capsys, xpk_args(tmp_path), train(tmp_path))
   env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "CLOUDSDK_"))}
   res = subprocess.run([*got, "--dry-run", "--skip-validation"], capture_output=True, text=True, timeout=120,
@@ -142,3 +174,42 @@ def test_hostile_run_dir_in_a_train_command(capsys, tmp_path, monkeypatch):
     shells = [w.split("=", 1)[1] for w in words if w.startswith("--command=")]
     assert "run_dir=x; rm -rf /" in words + [w for s in shells for w in shlex.split(s)], backend
   assert os.listdir(tmp_path) == []  # a dry run writes nothing
+
+
+def test_tpu_vm_runs_in_order_reruns_a_preempted_command_and_deletes(tmp_path):
+  """Not a dry run: a stand-in gcloud records its calls; the first ssh exits 75 (preempted)."""
+  calls, gcloud = tmp_path / "calls.jsonl", tmp_path / "gcloud"
+  gcloud.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    "if 'describe' in sys.argv: print('ACTIVE')\n"
+                    f"if 'ssh' in sys.argv and not os.path.exists({str(tmp_path / 'once')!r}):\n"
+                    f"  open({str(tmp_path / 'once')!r}, 'w').close(); sys.exit(75)\n")
+  gcloud.chmod(0o755)
+  res = subprocess.run([sys.executable, "-m", "sleep_jax.cli", "launch", "tpu-vm", "--name=p", "--zone=z", "--tpu-type=v4-8",
+                        "--spot", "--delete", "--retries=1", f"--gcloud={gcloud}", "--", *train(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr
+  verbs = [(c[2], c[3]) for c in map(json.loads, calls.read_text().splitlines())]
+  assert verbs == [("queued-resources", "create"), ("queued-resources", "describe"), ("tpu-vm", "ssh"),
+                   ("tpu-vm", "ssh"), ("queued-resources", "delete")]
+  assert "preempted (exit 75); rerunning (1 of 1)" in res.stderr
+
+
+def test_shell_entry_points_dry_run(tmp_path):
+  env = {**os.environ, "DRY_RUN": "1", "SPOT": "1", "PROJECT": "proj", "PARTITION": "gpu", "GPUS_PER_NODE": "8",
+         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # this venv's sleep-jax
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = train(tmp_path)
+  tpu = subprocess.run([os.path.join(repo, "launch", "tpu_pod.sh"), "pod1", "us-central2-b", "v4-32", *cmd], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert tpu.returncode == 0, tpu.stderr
+  lines = [shlex.split(l, comments=True) for l in tpu.stdout.splitlines()]
+  assert lines[0][:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "pod1"] and "--spot" in lines[0]
+  assert lines[2][-1] == f"--command={shlex.join(['sleep-jax', *cmd])}" and lines[-1][4] == "delete"
+  slurm = subprocess.run([os.path.join(repo, "launch", "slurm.sh"), "2", "4", "04:00:00", *cmd], env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert slurm.returncode == 0, slurm.stderr
+  for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --time=04:00:00", "#SBATCH --partition=gpu",
+               "#SBATCH --gpus-per-node=8"):
+    assert line + "\n" in slurm.stdout
+  assert shlex.split(slurm.stdout.splitlines()[-1])[:2] == ["sbatch", "--parsable"]

@@ -93,7 +93,7 @@ def test_causality_by_gradients():
 
 
 def test_truncated_gradients():
-  cfg = tiny_cfg("hard", passes=3)
+  cfg = tiny_cfg("hard", passes=3, pattern=["gdn"])  # attention plays no part in truncation
   model = make_model(cfg)
   tokens, mask = rule110_like(T=16)
   mask = mask.at[:, 8:].set(1)  # chunk 0 sleeps, chunk 1 is scored
@@ -103,7 +103,7 @@ def test_truncated_gradients():
     return lambda st: jnp.sum(jnp.square(forward(nnx.merge(graphdef, st))[:, 8:]))
 
   def sleep_with(K):
-    cfg_k = tiny_cfg("hard", passes=3, truncate_passes=K)
+    cfg_k = tiny_cfg("hard", passes=3, pattern=["gdn"], truncate_passes=K)
     return loss(lambda m: sleep_forward(m, tokens, mask, cfg_k))
 
   # K = N is the full gradient: truncate_passes = 0 (no truncation) must trace to the very

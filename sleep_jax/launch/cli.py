@@ -42,7 +42,6 @@ def register(subparsers) -> None:
   sub = p.add_subparsers(dest="backend", required=True, metavar="BACKEND")
   for name, (module, help_) in BACKENDS.items():
     mod = importlib.import_module(module)
-    b = sub.add_parser(name, help=help_, description=mod.__doc__.split("\n\n")[0] + "\n\n" + mod.__doc__.split("\n\n", 1)[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = sub.add_parser(name, help=help_, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mod.add_arguments(b)
     b.set_defaults(func=cmd_launch)

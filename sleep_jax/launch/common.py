@@ -27,7 +27,7 @@ from sleep_jax.config import ConfigError
 __all__ = ["LaunchError", "Job", "parse_command", "add_common_arguments", "preempted_exit_code"]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MODES = ("point", "collect", "list", "dry_run")
+_MODES = ("collect", "list", "dry_run")  # sweep modes that run in one process
 
 
 def preempted_exit_code() -> int:

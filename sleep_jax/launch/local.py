@@ -61,7 +61,7 @@ def _log_dirs(args, units) -> list[str]:
   if args.log_dir:
     if len(units) == 1:
       return [args.log_dir]
-    return [os.path.join(args.log_dir, u.argv[-1] if u.argv[-1] == "--collect" else f"point_{u.argv[-1]}")
+    return [os.path.join(args.log_dir, "collect" if u.argv[-1] == "--collect" else f"point_{u.argv[-1]}")
             for u in units]
   return [os.path.join(u.run_dir or os.path.join("runs", "launch"), "logs") for u in units]
 

@@ -89,10 +89,12 @@ exit "$rc"
 """
 
 
-def _options(args, *, name: str, out: str, array: str | None, tasks: tuple[int, int]) -> list[str]:
+def _options(args, *, name: str, out: str, array: str | None, tasks: tuple[int, int], big=True) -> list[str]:
+  """#SBATCH options; `big=False` (collect, --list) leaves out the accelerators and CPUs."""
   opts = [f"--job-name={name}", f"--nodes={tasks[0]}", f"--ntasks-per-node={tasks[1]}"]
   for flag, value in (("--time", args.time), ("--partition", args.partition), ("--account", args.account),
-                      ("--cpus-per-task", args.cpus_per_task), ("--gpus-per-node", args.gpus_per_node)):
+                      ("--cpus-per-task", args.cpus_per_task if big else None),
+                      ("--gpus-per-node", args.gpus_per_node if big else None)):
     if value is not None:
       opts.append(f"{flag}={value}")
   opts += ["--requeue", "--open-mode=append", f"--signal=TERM@{args.signal_grace}", f"--output={out}"]
@@ -124,7 +126,7 @@ def run(args, job: common.Job) -> int:
                       script(opts, step, workdir=workdir, env=env, max_requeues=args.retries,
                              note=f"sweep {job.sweep.name}, points {','.join(map(str, job.points))}"), []))
     opts = _options(args, name=f"{args.job_name}-collect", out=os.path.join(sdir, "%x-%j.out"), array=None,
-                    tasks=(1, 1))
+                    tasks=(1, 1), big=False)
     scripts.append((os.path.join(sdir, f"{args.job_name}-{stamp}-collect.sbatch"),
                     script(opts, common.shell_line(srun + entry + job.collect.argv), workdir=workdir, env=env,
                            max_requeues=args.retries, note=f"collect sweep {job.sweep.name}"),
@@ -132,7 +134,8 @@ def run(args, job: common.Job) -> int:
   else:
     unit = job.units[0]
     n = (args.nodes, args.ntasks_per_node) if unit.distributed else (1, 1)
-    opts = _options(args, name=args.job_name, out=os.path.join(sdir, "%x-%j.out"), array=None, tasks=n)
+    opts = _options(args, name=args.job_name, out=os.path.join(sdir, "%x-%j.out"), array=None, tasks=n,
+                    big=unit.distributed)
     scripts.append((os.path.join(sdir, f"{args.job_name}-{stamp}.sbatch"),
                     script(opts, common.shell_line(srun + entry + unit.argv), workdir=workdir, env=env,
                            max_requeues=args.retries, note=unit.name), []))

@@ -47,26 +47,26 @@ def _recurrent(q_BTHK, k_BTHK, v_BTHV, a_BTH, b_BTH, S_BHVK):
   return jnp.moveaxis(o_TBHV, 0, 1), S_BHVK
 
 
+# Elements per [G, Y, C, max(C, K, V)] float32 array of one group of chunks: 1 MiB, so a
+# group's intra-chunk intermediates stay in cache. Measured on a 2-core CPU (1 MiB L2 per
+# core, 32 MiB L3): the same work on full-sequence arrays (16 MiB each at B=4, T=4096,
+# H=4) ran 2-3x slower, groups a quarter or four times this size about 1.3x slower.
+_GROUP_ELEMENTS = 1 << 18
+
+
 def _chunked(q_BTHK, k_BTHK, v_BTHV, a_BTH, b_BTH, S_BHVK, C):
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   N = -(-T // C)
-  pad = N * C - T
-
-  # Chunk layout [N, B*H, C, *]: one transpose up front, then every per-chunk product is a
-  # batched dot over the leading dims with contiguous [C, *] operands, and the scan over
-  # chunks slices the leading axis.
-  def to_chunks(x):
-    if pad:  # zeros: k = q = v = 0, beta = 0 and log alpha = 0 (alpha = 1): a no-op
-      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = jnp.transpose(x.reshape(B, N, C, H, *x.shape[3:]), (1, 0, 3, 2) + tuple(range(4, x.ndim + 1)))
-    return x.reshape(N, B * H, C, *x.shape[4:])
-
-  O_NYCV, S_YVK = chunk_gated_delta(
-      to_chunks(q_BTHK), to_chunks(k_BTHK), to_chunks(v_BTHV), to_chunks(b_BTH),
-      to_chunks(jnp.log(a_BTH)), S_BHVK.reshape(B * H, V, K))
-  O_BTHV = jnp.transpose(O_NYCV.reshape(N, B, H, C, V), (1, 0, 3, 2, 4)).reshape(B, N * C, H, V)
-  return O_BTHV[:, :T], S_YVK.reshape(B, H, V, K)
+  M = -(-N // max(1, min(N, _GROUP_ELEMENTS // (B * H * C * max(C, K, V)))))  # groups
+  G = -(-N // M)  # chunks per group, balanced so that padding stays under one group
+  pad = M * G * C - T
+  # Padding: zeros, i.e. k = q = v = 0, beta = 0 and log alpha = 0 (alpha = 1): a no-op.
+  xs = (q_BTHK, k_BTHK, v_BTHV, b_BTH, jnp.log(a_BTH))
+  if pad:
+    xs = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
+  O_BTHV, S_BHVK = chunk_gated_delta(*xs, S_BHVK, C, G)
+  return O_BTHV[:, :T], S_BHVK
 
 
 def gated_delta_rule(q, k, v, alpha, beta, *, initial_state=None, mode="chunk", chunk_size=64):
