@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.config import Config, to_yaml
+from sleep_jax.models.hybrid import decode_attend
 from sleep_jax.models.layers import attention_mask
 from sleep_jax.sleep import check_eviction, make_pass, run_passes
 
@@ -65,7 +66,7 @@ def hybrid_init_cache(model, batch: int, cfg: Config) -> Cache:
   sliding = check_eviction(mc.eviction)
   dtype = jnp.dtype(mc.compute_dtype)
   Lc = 2 * L if sliding else L
-  kv_shape = (mc.pattern_repeats, batch, Lc, mc.n_heads, mc.head_dim)
+  kv_shape = (mc.pattern_repeats, batch, mc.n_heads, Lc, mc.head_dim)
   return {
       "t": jnp.zeros((), jnp.int32),
       "S": model.zero_state(batch),
@@ -85,12 +86,14 @@ def _hybrid_sleep(model, cache: Cache, cfg: Config) -> Cache:
   positions_BL = jnp.broadcast_to(c * L + jnp.arange(L, dtype=jnp.int32), (B, L))
   graphdef, state = nnx.split(model)
   one_pass = make_pass(graphdef, positions_BL, c > 0, L, sliding)
-  ctx = tuple((k[:, :, :L], v[:, :, :L]) for k, v in cache["kv"]) if sliding else None
+  # run_pass wants [R, B, L, H, K]; the decode cache is [R, B, H, Lc, K] (see decode_attend).
+  ctx = tuple((jnp.swapaxes(k[:, :, :, :L], 2, 3), jnp.swapaxes(v[:, :, :, :L], 2, 3)) for k, v in cache["kv"]) \
+      if sliding else None
   S, n_B, _, _ = run_passes(lambda h, S: one_pass(state, h, S, ctx), cache["h"], cache["S"], jnp.ones((B,), bool),
                             passes=cfg.sleep.passes, start=1, tol=cfg.sleep.adaptive_tol)
   kv = cache["kv"]
   if sliding:  # the completed chunk becomes the previous one; its K/V are pass 1's
-    kv = tuple((k.at[:, :, :L].set(k[:, :, L:]), v.at[:, :, :L].set(v[:, :, L:])) for k, v in kv)
+    kv = tuple((k.at[:, :, :, :L].set(k[:, :, :, L:]), v.at[:, :, :, :L].set(v[:, :, :, L:])) for k, v in kv)
   return {**cache, "S": S, "kv": kv, "conv": jax.tree.map(jnp.zeros_like, cache["conv"]),
           "passes": cache["passes"] + n_B - 1}
 
@@ -111,7 +114,7 @@ def hybrid_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config):
 # -- transformer decoder -------------------------------------------------------------------
 def transformer_init_cache(model, batch: int, max_len: int, cfg: Config) -> Cache:
   mc = cfg.model
-  shape = (mc.n_layers, batch, max_len, mc.n_heads, mc.head_dim)
+  shape = (mc.n_layers, batch, mc.n_heads, max_len, mc.head_dim)  # heads before slots: see decode_attend
   dtype = jnp.dtype(mc.compute_dtype)
   return {"t": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
@@ -124,14 +127,14 @@ def transformer_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config
   dtype = jnp.dtype(mc.compute_dtype)
   h_B1D = jnp.take(model.embed[...], token_B, axis=0).astype(dtype)[:, None]
   positions_B1 = jnp.full((B, 1), t, jnp.int32)
-  mask_1S = attention_mask(t[None], jnp.arange(ck.shape[2]), mc.eviction, cfg.sleep.chunk_len)
+  mask_S = attention_mask(t[None], jnp.arange(ck.shape[3]), mc.eviction, cfg.sleep.chunk_len)[0]
   graphdef, state = nnx.split(model.blocks)
   for i in range(mc.n_layers):
     blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
     q, k, v = blk.attn.qkv(blk.attn_norm(h_B1D), positions_B1)
-    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, t, 0, 0))
-    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, t, 0, 0))
-    h_B1D = h_B1D + blk.attn.attend(q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask_1S)
+    ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2)[None].astype(ck.dtype), (i, 0, 0, t, 0))
+    cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2)[None].astype(cv.dtype), (i, 0, 0, t, 0))
+    h_B1D = h_B1D + decode_attend(blk.attn, q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask_S)
     h_B1D = h_B1D + blk.mlp(blk.mlp_norm(h_B1D))
   x = model.final_norm(h_B1D)
   logits_BV = jnp.einsum("btd,dv->btv", x, model.unembed[...].astype(x.dtype)).astype(jnp.float32)[:, 0]

@@ -55,11 +55,21 @@ def check_saved_config(cfg: config_lib.Config) -> None:
     raise config_lib.ConfigError(f"run dir {cfg.run_dir} holds a run with a different config: {'; '.join(changed)}")
 
 
+def any_process(flag: bool) -> bool:
+  """True if `flag` is set on any process (a tiny allgather; multi-process runs only)."""
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
 def write_config(cfg: config_lib.Config) -> None:
   if jax.process_index() == 0:
     os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+    # Atomic: other processes may be reading it in check_saved_config at this moment.
+    path = os.path.join(cfg.run_dir, "config.yaml")
+    with open(path + ".tmp", "w") as f:
       f.write(config_lib.to_yaml(cfg))
+    os.replace(path + ".tmp", path)
 
 
 def train(cfg: config_lib.Config) -> dict[str, Any]:
@@ -118,6 +128,8 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                             "data_wait_frac": (t1 - t0) / max(now - t_prev, 1e-9)})
       pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
       pbar.update(1)
+      if jax.process_count() > 1 and any_process(bool(preempted)):
+        preempted.append(True)  # every process saves the same step, then all exit together
       if step % cfg.checkpoint.every == 0 or preempted:
         t_s = time.perf_counter()
         ckpt.save(step, state, it.get_state(), wait=bool(preempted))

@@ -118,9 +118,33 @@ def test_gradient_matches_reference_finite_difference():
   eps = 1e-5
   fd = (ref_f(eps) - ref_f(-eps)) / (2 * eps)
   loss = lambda *a: f(*gated_delta_rule(*a[:5], initial_state=a[5], mode="chunk", chunk_size=8))
-  grads = jax.grad(loss, argnums=tuple(range(6)))(*args)
+  grads = jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
   ad = sum(float(jnp.sum(g * d)) for g, d in zip(grads, dirs))
   np.testing.assert_allclose(ad, fd, rtol=1e-3)
+
+
+@pytest.mark.parametrize("group_elements", [1, 2 * 4 * 16 * 16])
+def test_chunk_groups(monkeypatch, group_elements):
+  # The chunk mode runs a scan over groups of chunks sized by _GROUP_ELEMENTS; the small
+  # shapes above fit in one group. Force one chunk per group, and two chunks per group
+  # with 7 chunks (so the last group is half padding), and check values and gradients.
+  from sleep_jax.ops import gated_delta as gd
+
+  monkeypatch.setattr(gd, "_GROUP_ELEMENTS", group_elements)
+  B, T, H, K, V, C = 2, 100, 2, 16, 8, 16
+  args = inputs(B, T, H, K, V, seed=9)
+  o_ref, S_ref = reference(*args)
+  o, S = run("chunk", C, *args)
+  np.testing.assert_allclose(o, o_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(S, S_ref, atol=1e-4, rtol=1e-4)
+  f, _, _ = linear_functional(10, B, T, H, K, V)
+
+  def grads(mode):
+    loss = lambda *a: f(*gated_delta_rule(*a[:5], initial_state=a[5], mode=mode, chunk_size=C))
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+
+  for g_c, g_r in zip(grads("chunk"), grads("recurrent")):
+    np.testing.assert_allclose(g_c, g_r, atol=2e-4, rtol=2e-4)
 
 
 def test_step_matches_one_reference_step():

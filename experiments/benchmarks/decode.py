@@ -5,7 +5,7 @@
 Both models have the same width, heads and depth (hybrid attn-gdn-attn-gdn, transformer of
 4 attention layers). The decode state after C tokens of context is constructed directly
 (random fast weights / KV entries, position counter t = C), then `--steps` real greedy decode
-steps are timed as one jitted `lax.scan` (median over repetitions, all in this process). With
+steps are timed as one jitted `lax.scan` (median over interleaved repetitions, one process). With
 steps = chunk_len every timed window includes exactly one sleep (N passes over a chunk), so
 the sleeping model's figure is its amortised cost. The hybrid's state has the same shapes at
 every context length, so it compiles once; the transformer's KV cache holds C + steps
@@ -70,14 +70,18 @@ def make_decoder(graphdef, cfg, step_fn, steps: int):
   return run
 
 
-def time_it(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
+def time_interleaved(runs: dict, reps: int) -> dict:
+  """Median seconds per entry of {name: (fn, args)}, repetitions interleaved across entries so
+  that load drift on a shared machine hits every entry alike."""
+  for fn, args in runs.values():
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+  times = {name: [] for name in runs}
   for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    for name, (fn, args) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def nbytes(tree) -> int:
@@ -93,7 +97,7 @@ def main():
   p.add_argument("--passes", type=int, default=2)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--steps", type=int, default=0, help="timed decode steps (default: chunk_len)")
-  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--reps", type=int, default=7, help="hybrid repetitions (the transformer gets half)")
   a = p.parse_args()
   steps = a.steps or a.chunk_len
   contexts = [int(c) for c in a.contexts.split(",")]
@@ -106,22 +110,26 @@ def main():
   hrun = make_decoder(hgraph, hcfg, hybrid_decode_step, steps)
   trun = make_decoder(tgraph, tcfg, transformer_decode_step, steps)
   hmodel = nnx.merge(hgraph, hstate)
-  rows = {}
+  rows, runs = {}, {}
   for C in contexts:
     hcache = filled(hybrid_init_cache(hmodel, B, hcfg), C, key)
     tcache = filled(transformer_init_cache(None, B, C + steps, tcfg), C, key)
     t_end = int(hrun(hstate, hcache, token_B)[1])
     assert t_end == C + steps, t_end
+    runs[("hybrid", C)] = (hrun, (hstate, hcache, token_B))
+    runs[("full", C)] = (trun, (tstate, tcache, token_B))
     kv_h = nbytes(hcache["kv"])
-    rows[C] = {
-        "hybrid_tok_s": B * steps / time_it(hrun, (hstate, hcache, token_B), a.reps),
-        "full_tok_s": B * steps / time_it(trun, (tstate, tcache, token_B), a.reps),
-        "hybrid_kv_bytes": kv_h, "hybrid_state_bytes": nbytes(hcache) - kv_h,
-        "full_kv_bytes": nbytes({"k": tcache["k"], "v": tcache["v"]}),
-    }
+    rows[C] = {"hybrid_kv_bytes": kv_h, "hybrid_state_bytes": nbytes(hcache) - kv_h,
+               "full_kv_bytes": nbytes({"k": tcache["k"], "v": tcache["v"]})}
+  hybrid_runs = {k: v for k, v in runs.items() if k[0] == "hybrid"}
+  secs = {**time_interleaved(hybrid_runs, a.reps),
+          **time_interleaved({k: v for k, v in runs.items() if k[0] == "full"}, max(1, a.reps // 2))}
+  for C in contexts:
+    rows[C]["hybrid_tok_s"] = B * steps / secs[("hybrid", C)]
+    rows[C]["full_tok_s"] = B * steps / secs[("full", C)]
 
   print(f"decode: d={a.d_model}, heads={a.heads}, 4 layers, batch={B}, {steps} greedy steps per timing, "
-        f"median of {a.reps}; hybrid L={a.chunk_len}, N={a.passes}, hard eviction; {jax.devices()[0].platform}")
+        f"median of {a.reps} (full: {max(1, a.reps // 2)}); hybrid L={a.chunk_len}, N={a.passes}, hard eviction; {jax.devices()[0].platform}")
   print(f"{'context':>8}{'hybrid tok/s':>14}{'full tok/s':>12}{'speedup':>9}{'hybrid KV MiB':>15}"
         f"{'hybrid S+conv MiB':>19}{'full KV MiB':>13}")
   for C, r in rows.items():

@@ -70,6 +70,20 @@ def chunk_attention(attn: Attention, x_BLD, positions_BL, ctx, ctx_valid, chunk_
   return y, (k, v)
 
 
+def decode_attend(attn: Attention, q_B1HK, k_BHSK, v_BHSK, mask_S) -> jax.Array:
+  """One query against a KV cache laid out [B, H, S, K] (what `Attention.attend` computes).
+
+  Decode caches keep heads before slots so both products are batched mat-vecs over the
+  contiguous cache: no per-step transpose of the whole cache, which would make a long
+  cache's per-token cost several copies of it.
+  """
+  q_BHK = q_B1HK[:, 0]
+  logits_BHS = jnp.einsum("bhk,bhsk->bhs", q_BHK, k_BHSK).astype(jnp.float32) * q_BHK.shape[-1] ** -0.5
+  probs_BHS = jax.nn.softmax(jnp.where(mask_S, logits_BHS, -1e30), axis=-1).astype(v_BHSK.dtype)
+  out_BHK = jnp.einsum("bhs,bhsk->bhk", probs_BHS, v_BHSK)
+  return jnp.einsum("bhk,hkd->bd", out_BHK, attn.wo[...])[:, None]
+
+
 class HybridLM(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if not cfg.layer_pattern or cfg.pattern_repeats < 1:
@@ -152,14 +166,14 @@ class HybridLM(nnx.Module):
 
     S, conv: tuples over GDN groups of [R, B, H, V, K] / [R, B, W-1, H, 3K] (the conv cache
     must already be zero at a chunk's first token). kv: tuple over attention groups of
-    (k, v) [R, B, Lc, H, K] with Lc = L (hard) or 2L (sliding: slots [0, L) hold the previous
+    (k, v) [R, B, H, Lc, K] with Lc = L (hard) or 2L (sliding: slots [0, L) hold the previous
     chunk, [L, 2L) the current one); this token's k, v are written at slot Lc - L + t % L.
     Returns (h_B1D, S, conv, kv) with this token's entries written.
     """
     L = chunk_len
     B = h_B1D.shape[0]
     r_ = t % L
-    Lc = kv[0][0].shape[2] if kv else L
+    Lc = kv[0][0].shape[3] if kv else L
     slot = Lc - L + r_
     j = jnp.arange(Lc)
     mask_S = (j >= Lc - L) & (j - (Lc - L) <= r_)
@@ -183,10 +197,11 @@ class HybridLM(nnx.Module):
         else:
           q, k, v = blk.attn.qkv(x_B1D, positions_B1)
           ck, cv = kv[ai]
-          ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (r, 0, slot, 0, 0))
-          cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (r, 0, slot, 0, 0))
+          to_cache = lambda x: jnp.swapaxes(x, 1, 2)[None].astype(ck.dtype)  # [1, B, H, 1, K]
+          ck = jax.lax.dynamic_update_slice(ck, to_cache(k), (r, 0, 0, slot, 0))
+          cv = jax.lax.dynamic_update_slice(cv, to_cache(v), (r, 0, 0, slot, 0))
           kv[ai] = [ck, cv]
-          y_B1D = blk.attn.attend(q, ck[r].astype(q.dtype), cv[r].astype(q.dtype), mask_S[None, :])
+          y_B1D = decode_attend(blk.attn, q, ck[r].astype(q.dtype), cv[r].astype(q.dtype), mask_S)
           ai += 1
         h_B1D = blk.mlp_residual(h_B1D + y_B1D)
     return h_B1D, tuple(S), tuple(conv), tuple(tuple(c) for c in kv)

@@ -61,8 +61,11 @@ def _chunked(q_BTHK, k_BTHK, v_BTHV, a_BTH, b_BTH, S_BHVK, C):
   M = -(-N // max(1, min(N, _GROUP_ELEMENTS // (B * H * C * max(C, K, V)))))  # groups
   G = -(-N // M)  # chunks per group, balanced so that padding stays under one group
   pad = M * G * C - T
+  # log alpha floored at log(1e-30) ~ -69: an alpha that underflowed to exactly 0 would
+  # give -inf - -inf = nan in the decay ratios; exp(-69) is as good as 0 for the state.
+  la_BTH = jnp.log(jnp.maximum(a_BTH, 1e-30))
   # Padding: zeros, i.e. k = q = v = 0, beta = 0 and log alpha = 0 (alpha = 1): a no-op.
-  xs = (q_BTHK, k_BTHK, v_BTHV, b_BTH, jnp.log(a_BTH))
+  xs = (q_BTHK, k_BTHK, v_BTHV, b_BTH, la_BTH)
   if pad:
     xs = tuple(jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs)
   O_BTHV, S_BHVK = chunk_gated_delta(*xs, S_BHVK, C, G)
