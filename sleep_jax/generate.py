@@ -73,7 +73,7 @@ def hybrid_init_cache(model, batch: int, cfg: Config) -> Cache:
       "conv": tuple(jnp.zeros(model.conv_cache_shape(batch), dtype) for _ in model.gdn_groups),
       "kv": tuple((jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in model.attn_groups),
       "h": jnp.zeros((batch, L, mc.d_model), dtype),  # pass-1 output features of the chunk
-      "passes": jnp.zeros((batch,), jnp.int32),  # sleep passes run so far, for logging
+      "passes": jnp.zeros((batch,), jnp.int32),  # extra (sleep) passes run so far, for logging
   }
 
 

@@ -88,12 +88,9 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
   if not S:  # no GDN layer: nothing survives a chunk, extra passes could change nothing
     passes = max(start, 1)
   n_iter = max(passes - start, 0)
-  out_shape = jax.eval_shape(pass_fn, h_BLD, S)
-  h1 = jnp.zeros(out_shape[0].shape, out_shape[0].dtype)
-  kv1 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape[2]) if keep_kv else ()
+  h_shape, _, kv_shape = jax.eval_shape(pass_fn, h_BLD, S)
+  zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape) if keep_kv else ()
   stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
-
-  zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape[2]) if keep_kv else ()
 
   # The remat boundary is around the cond, not inside it: a cond would hand its branch's
   # residuals (the parameters among them) out per iteration, and the scan would stack them.
@@ -125,7 +122,7 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
     return (h_new, S_new, h1, kv1, done_new, n_B + take_B.astype(jnp.int32)), None
 
   done0 = ~active_B if start > 0 else jnp.zeros((B,), bool)
-  init = (h_BLD, S, h1, kv1, done0, jnp.full((B,), start, jnp.int32))
+  init = (h_BLD, S, jnp.zeros(h_shape.shape, h_shape.dtype), zero_kv(), done0, jnp.full((B,), start, jnp.int32))
   (_, S, h1, kv1, _, n_B), _ = jax.lax.scan(body, init, jnp.arange(start, start + n_iter))
   return S, n_B, h1, kv1
 

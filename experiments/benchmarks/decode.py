@@ -129,7 +129,8 @@ def main():
     rows[C]["full_tok_s"] = B * steps / secs[("full", C)]
 
   print(f"decode: d={a.d_model}, heads={a.heads}, 4 layers, batch={B}, {steps} greedy steps per timing, "
-        f"median of {a.reps} (full: {max(1, a.reps // 2)}); hybrid L={a.chunk_len}, N={a.passes}, hard eviction; {jax.devices()[0].platform}")
+        f"median of {a.reps} (full: {max(1, a.reps // 2)}); hybrid L={a.chunk_len}, N={a.passes}, hard eviction; "
+        f"{jax.devices()[0].platform}")
   print(f"{'context':>8}{'hybrid tok/s':>14}{'full tok/s':>12}{'speedup':>9}{'hybrid KV MiB':>15}"
         f"{'hybrid S+conv MiB':>19}{'full KV MiB':>13}")
   for C, r in rows.items():

@@ -6,7 +6,7 @@ A paper-shaped hybrid (attn-gdn-attn-gdn) on Rule 110 batches (K=4 strings of W=
 L=24: four consolidation chunks and one prediction chunk). Memory is XLA's own analysis of
 the compiled, single-device train step (`memory_analysis()`: temp + argument + output bytes;
 arguments and outputs are params + AdamW state + batch, temp holds the activations). Times
-are medians over repetitions in this one process. Goals: memory(8) / memory(1) <= 1.5 and
+are medians over repetitions interleaved across N, in this one process. Goals: memory(8) / memory(1) <= 1.5 and
 time(N) <= N * time(1). Prints a table, then one JSON object on the last line.
 """
 
@@ -44,7 +44,7 @@ def make_batch(a) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in ex]) for k in ("tokens", "loss_mask")}
 
 
-def measure(a, passes: int, batch) -> dict:
+def compile_step(a, passes: int, batch) -> dict:
   cfg = make_cfg(a, passes)
   trainer = Trainer(cfg, mesh=shd.make_mesh(cfg.mesh, devices=jax.devices()[:1]))
   state = trainer.init_state()
@@ -59,15 +59,25 @@ def measure(a, passes: int, batch) -> dict:
   for _ in range(2):  # warm-up
     state, m = compiled(state, gbatch)
   jax.block_until_ready(m)
-  times = []
-  for _ in range(a.reps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, gbatch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  out["step_s"] = statistics.median(times)
-  out["loss"] = float(m["loss"])
+  out["run"] = (compiled, state, gbatch)
   return out
+
+
+def time_interleaved(rows: dict, reps: int) -> None:
+  """Median step time per N, repetitions interleaved across N so that load drift on a shared
+  machine hits every N alike (states are donated: each step feeds the next)."""
+  times = {n: [] for n in rows}
+  for _ in range(reps):
+    for n, r in rows.items():
+      compiled, state, gbatch = r["run"]
+      t0 = time.perf_counter()
+      state, m = compiled(state, gbatch)
+      jax.block_until_ready(m)
+      times[n].append(time.perf_counter() - t0)
+      r["run"] = (compiled, state, gbatch)
+      r["loss"] = float(m["loss"])
+  for n, r in rows.items():
+    r["step_s"] = statistics.median(times[n])
 
 
 def main():
@@ -77,16 +87,17 @@ def main():
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--W", type=int, default=24)
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--reps", type=int, default=7)
   a = p.parse_args()
   batch = make_batch(a)
   ns = [int(n) for n in a.passes.split(",")]
-  rows = {n: measure(a, n, batch) for n in ns}
+  rows = {n: compile_step(a, n, batch) for n in ns}
+  time_interleaved(rows, a.reps)
 
   mb = lambda b: b / 2**20
   base = rows[ns[0]]
   print(f"hybrid attn-gdn x2, d={a.d_model}, heads={a.heads}, batch={a.batch}, T={batch['tokens'].shape[1] - 1}, "
-        f"L={a.W}, float32, remat per pass; {jax.devices()[0].platform}, median of {a.reps} steps")
+        f"L={a.W}, float32, remat per chunk, pass and layer; {jax.devices()[0].platform}, median of {a.reps} steps")
   print(f"{'N':>3}{'temp MiB':>10}{'arg MiB':>9}{'out MiB':>9}{'total MiB':>11}{'mem xN1':>9}"
         f"{'step s':>9}{'time xN1':>10}{'compile s':>11}")
   for n, r in rows.items():
