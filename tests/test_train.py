@@ -64,3 +64,25 @@ def test_logical_rules_map_to_mesh_axes():
   # A dimension the mesh axis does not divide stays replicated.
   assert tuple(shd.logical_to_mesh(("vocab", "embed"), (7, 64), mesh, rules)) == (None, "fsdp")
   assert shd.mesh_shape(MeshConfig(-1, 2, 1), 8) == (4, 2, 1)
+
+
+def test_sliding_window_warmup_trains_only_gdn_layers(tiny_overrides):
+  cfg = load_config(TINY, tiny_overrides + ["model.kind=hybrid", "model.layer_pattern=[attn,gdn]",
+                                            "model.eviction=sliding", "sleep.warmup_gdn_steps=2"])
+  trainer = Trainer(cfg)
+  state = trainer.init_state()
+  before = jax.device_get(state["params"])
+  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed)
+  assert trainer.step_fn(1) is trainer.warmup_step and trainer.step_fn(2) is trainer.train_step
+  for step in range(2):  # the LR schedule starts at 0: the second step moves the weights
+    state, _ = trainer.step_fn(step)(state, shd.global_batch(next(it), trainer.mesh))
+  after = jax.device_get(state["params"])
+  from sleep_jax.sleep import gdn_only_mask
+
+  mask = gdn_only_mask(before)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+  flat_mask, flat_changed = jax.tree.leaves(mask), jax.tree.leaves(changed)
+  assert any(flat_mask) and not all(flat_mask)
+  unchanged = [jax.tree_util.keystr(p) for (p, c), m in zip(jax.tree_util.tree_leaves_with_path(changed), flat_mask) if m and not c]
+  assert not unchanged, unchanged  # every GDN parameter trained
+  assert not any(c for c, m in zip(flat_changed, flat_mask) if not m)  # the rest bit-identical
