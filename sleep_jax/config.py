@@ -41,7 +41,7 @@ class ModelConfig:
   gdn_conv: int = 4  # short causal convolution width in GDN blocks
   gdn_chunk: int = 64  # chunk size of the chunkwise gated delta rule
   compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32: master weights)
-  remat: bool = True  # rematerialise each layer in the backward pass
+  remat: bool = True  # rematerialise each layer (and each sleep chunk); sleep passes always are
   scan_layers: bool = True  # stacked parameters + lax.scan over layers
   init_std: float = 0.02
 
@@ -164,6 +164,8 @@ def _validate(cfg: Config) -> None:
     value = getattr(getattr(cfg, section), name)
     if value not in allowed:
       raise ConfigError(f"bad value for config key '{key}': {value!r} not in {allowed}")
+  if cfg.model.kind == "hybrid" and cfg.model.eviction not in ("hard", "sliding"):
+    raise ConfigError("bad value for config key 'model.eviction': a hybrid (sleeping) model needs 'hard' or 'sliding'")
   for p in cfg.model.layer_pattern:
     if p not in ("attn", "gdn"):
       raise ConfigError(f"bad value for config key 'model.layer_pattern': {p!r} not in ('attn', 'gdn')")

@@ -23,6 +23,7 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
   slot, slots = shd.process_slot(trainer.mesh, B)
   loss_sum = tokens = 0.0
   hits, counts = defaultdict(int), defaultdict(int)
+  passes = []
   for batch in data_lib.make_eval_batches(cfg.data, batch_size=B, num_batches=num_batches,
                                           process_index=slot, process_count=slots):
     local = {k: batch[k] for k in ("tokens", "loss_mask")}
@@ -30,6 +31,8 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])
     b = B // slots  # exact_B is the whole global batch; keep this process's rows
+    if "passes_B" in out:
+      passes += [p for p, v in zip(out["passes_B"][slot * b:(slot + 1) * b], batch["valid"]) if v]
     for ok, diff, valid in zip(out["exact_B"][slot * b:(slot + 1) * b], batch["difficulty"], batch["valid"]):
       if valid:
         hits[int(diff)] += int(ok)
@@ -37,6 +40,8 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
   n = sum(counts.values())
   result = {"eval/loss": loss_sum / max(tokens, 1.0), "eval/accuracy": sum(hits.values()) / max(n, 1),
             "eval/examples": n}
+  if passes:  # sleep passes used per example (mean of the max over its chunks)
+    result["eval/sleep_passes"] = float(sum(passes) / len(passes))
   for d in sorted(counts):
     result[f"eval/accuracy_d{d}"] = hits[d] / counts[d]
     result[f"eval/examples_d{d}"] = counts[d]

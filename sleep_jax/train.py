@@ -26,8 +26,8 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
   warmup = min(t.warmup_steps, max(t.steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup, max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
-  # No weight decay on norm scales and biases (leaf names), as in MaxText / nanodo.
-  no_decay = ("scale", "bias")
+  # No weight decay on norm scales, biases and GDN gate parameters (leaf names).
+  no_decay = ("scale", "bias", "a_log", "dt_bias")  # a_log, dt_bias: GDN decay gates
   decay_mask = lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) not in no_decay, params)
   tx = optax.chain(
@@ -118,10 +118,13 @@ class Trainer:
     """The jitted train step to use at `step` (warm-up phase or main phase)."""
     return self.warmup_step if step < self.warmup_steps else self.train_step
 
-  def _stats(self, params, batch, cfg: Config | None = None):
+  def _stats(self, params, batch, cfg: Config | None = None, training: bool = True):
     inputs, targets, mask = split_batch(batch)
-    logits = forward(self.model(params), inputs, mask, cfg or self.cfg)
-    return token_stats(logits, targets, mask)
+    logits, passes_B = forward(self.model(params), inputs, mask, cfg or self.cfg, training=training)
+    stats = token_stats(logits, targets, mask)
+    if passes_B is not None:
+      stats["passes_B"] = passes_B.astype(jnp.float32)
+    return stats
 
   def _train_step(self, state, batch, *, cfg: Config, update_mask):
     accum = cfg.train.grad_accum
@@ -140,7 +143,7 @@ class Trainer:
 
       def body(carry, mb):
         (_, s), g = grad_fn(state["params"], mb)
-        s = {k: v for k, v in s.items() if k != "exact_B"}
+        s = {k: v for k, v in s.items() if not k.endswith("_B")}
         return jax.tree.map(jnp.add, carry, (g, s)), None
 
       zero_g = jax.tree.map(jnp.zeros_like, state["params"])
@@ -160,5 +163,8 @@ class Trainer:
     return new_state, metrics
 
   def _eval_step(self, params, batch):
-    stats = self._stats(params, batch)
-    return {"loss_sum": stats["loss_sum"], "tokens": stats["tokens"], "exact_B": stats["exact_B"]}
+    stats = self._stats(params, batch, training=False)
+    out = {"loss_sum": stats["loss_sum"], "tokens": stats["tokens"], "exact_B": stats["exact_B"]}
+    if "passes_B" in stats:  # sleep passes used (max over chunks): < N under adaptive depth
+      out["passes_B"] = stats["passes_B"]
+    return out

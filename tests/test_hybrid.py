@@ -88,7 +88,7 @@ def _gdn(p, x_LD, S_HVK):
       kk = k[t, h][:, None]
       S[h] = alpha[t, h] * S[h] @ (np.eye(K) - beta[t, h] * kk @ kk.T) + beta[t, h] * v[t, h][:, None] @ kk.T
       o[t, h] = S[h] @ q[t, h]
-  o = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6) * p["norm_scale"]
+  o = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + 1e-6) * p["o_norm"]["scale"]
   o = o * _silu(np.einsum("ld,dhk->lhk", x_LD, p["wg"]))
   return np.einsum("lhv,hvd->ld", o, p["wo"]), S
 

@@ -22,8 +22,10 @@ def model_factory(cfg: Config) -> Callable[[nnx.Rngs], nnx.Module]:
   raise ValueError(f"unknown model.kind {cfg.model.kind!r}")
 
 
-def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config) -> jax.Array:
-  """Logits [B, T, V] for next-token prediction.
+def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
+            training: bool = True):
+  """Logits [B, T, V] for next-token prediction, and the sleep passes used per example
+  (None for the transformer).
 
   The transformer sees the whole sequence (with its eviction mask); the hybrid model runs
   Algorithm 1, which needs the target mask to tell consolidation chunks from prediction ones.
@@ -31,5 +33,8 @@ def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, 
   if cfg.model.kind == "hybrid":
     from sleep_jax.sleep import sleep_forward
 
-    return sleep_forward(model, inputs_BT, target_mask_BT, cfg)
-  return model(inputs_BT, chunk_len=cfg.sleep.chunk_len)
+    # Adaptive depth (sleep.adaptive_tol) is an inference option: training runs N passes.
+    logits, passes_BC = sleep_forward(model, inputs_BT, target_mask_BT, cfg, return_passes=True,
+                                      adaptive=False if training else None)
+    return logits, passes_BC.max(axis=-1)
+  return model(inputs_BT, chunk_len=cfg.sleep.chunk_len), None

@@ -62,6 +62,21 @@ def causal_conv(x_BTHC: jax.Array, w_WHC: jax.Array, cache_BWHC: jax.Array | Non
   return y, xp[:, T:]
 
 
+class HeadRMSNorm(nnx.Module):
+  """RMSNorm over each head's V channels, one scale shared by the heads (as in GDN/FLA).
+
+  A module with a `scale` leaf, so the optimizer's no-weight-decay rule for norm scales
+  (leaf name "scale") covers it.
+  """
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.scale = param(rngs, (dim,), ("kv",), None)
+
+  def __call__(self, o_BTHV: jax.Array) -> jax.Array:
+    o = o_BTHV.astype(jnp.float32)
+    return o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + _EPS) * self.scale[...].astype(jnp.float32)
+
+
 class GatedDeltaNet(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     D, H, K, W = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.gdn_conv
@@ -77,7 +92,7 @@ class GatedDeltaNet(nnx.Module):
     self.wb = param(rngs, (D, H), ("embed", "heads"), std)
     self.wg = param(rngs, (D, H, K), ("embed", "heads", "kv"), std)
     self.wo = param(rngs, (H, K, D), ("heads", "kv", "embed"), std / 2)
-    self.norm_scale = param(rngs, (K,), ("kv",), None)
+    self.o_norm = HeadRMSNorm(K, rngs=rngs)
     # Mamba-2 / GDN decay parametrisation: A in [1, 16], softplus(dt_bias) log-uniform in
     # [1e-3, 1e-1], so the initial per-token decay exp(-A dt) spans slow and fast heads.
     self.a_log = _init_param(rngs, jnp.log(jax.random.uniform(rngs.params(), (H,), minval=1.0, maxval=16.0)),
@@ -102,9 +117,7 @@ class GatedDeltaNet(nnx.Module):
     return q_BTHK, k_BTHK, v_BTHK, jnp.exp(log_alpha_BTH), beta_BTH, gate_BTHK, conv_cache
 
   def output(self, o_BTHV: jax.Array, gate_BTHV: jax.Array) -> jax.Array:
-    o = o_BTHV.astype(jnp.float32)
-    o = o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + _EPS) * self.norm_scale[...].astype(jnp.float32)
-    o = (o * jax.nn.silu(gate_BTHV.astype(jnp.float32))).astype(gate_BTHV.dtype)
+    o = (self.o_norm(o_BTHV) * jax.nn.silu(gate_BTHV.astype(jnp.float32))).astype(gate_BTHV.dtype)
     return jnp.einsum("bthv,hvd->btd", o, self.wo[...])
 
   def __call__(self, x_BTD: jax.Array, S_BHVK: jax.Array):
