@@ -36,32 +36,32 @@ def _spec(tmp_path, **kw):
 def test_grid_and_zip_expand_in_order_with_safe_names(tmp_path):
   path = _write(tmp_path, _spec(
       tmp_path, overrides=["train.steps=3"],
-      zip={"data.task_options.steps": [1, 4], "train.lr": [0.003, 0.001]},
+      zip={"data.task_options.hops": [1, 4], "train.lr": [0.003, 0.001]},
       grid={"sleep.passes": [1, 2], "model.layer_pattern": [["attn", "gdn"], ["gdn"]]},
       points=[{"label": "hard eviction", "model.eviction": "hard"}, {"sleep.passes": 8}],
-      eval={"overrides": ["data.eval_examples=32"], "grid": {"data.eval_task_options.steps": [1, 4]}}))
+      eval={"overrides": ["data.eval_examples=32"], "grid": {"data.eval_task_options.hops": [1, 4]}}))
   sweep = load_sweep(path)
   names = [p.name for p in sweep.points]
   # zip is the outer axis, then the grid keys in file order, the last varying fastest.
-  assert names[:4] == [f"steps=1,lr=0.003,passes={n},layer_pattern={lp}" for n in (1, 2) for lp in ("attn+gdn", "gdn")]
-  assert names[4] == "steps=4,lr=0.001,passes=1,layer_pattern=attn+gdn"
+  assert names[:4] == [f"hops=1,lr=0.003,passes={n},layer_pattern={lp}" for n in (1, 2) for lp in ("attn+gdn", "gdn")]
+  assert names[4] == "hops=4,lr=0.001,passes=1,layer_pattern=attn+gdn"
   assert names[8:] == ["hard_eviction", "passes=8"]
   assert [p.index for p in sweep.points] == list(range(10))
   assert [p.label for p in sweep.points][8:] == ["hard eviction", None]
   p = sweep.points[3]
-  assert p.overrides == ["train.steps=3", "data.task_options.steps=1", "train.lr=0.003", "sleep.passes=2",
+  assert p.overrides == ["train.steps=3", "data.task_options.hops=1", "train.lr=0.003", "sleep.passes=2",
                          'model.layer_pattern=["gdn"]']
   assert p.run_dir == os.path.join(str(tmp_path / "root"), p.name)
   cfg = sweep.configs[3]
-  assert (cfg.train.steps, cfg.data.task_options["steps"], cfg.train.lr, cfg.sleep.passes, cfg.model.layer_pattern,
+  assert (cfg.train.steps, cfg.data.task_options["hops"], cfg.train.lr, cfg.sleep.passes, cfg.model.layer_pattern,
           cfg.run_dir) == (3, 1, 0.003, 2, ["gdn"], p.run_dir)
   assert sweep.configs[8].model.eviction == "hard" and sweep.configs[9].sleep.passes == 8
   assert all(re.fullmatch(r"[A-Za-z0-9._=,+-]+", n) for n in names)
   assert [p.name for p in load_sweep(path).points] == names  # deterministic
   # One trained point, several evaluations: each entry's config on top of the point's.
-  assert [e.name for e in sweep.evals] == ["steps=1", "steps=4"]
+  assert [e.name for e in sweep.evals] == ["hops=1", "hops=4"]
   ecfg = sweep.eval_configs[3][1]
-  assert (ecfg.data.eval_task_options, ecfg.data.eval_examples, ecfg.sleep.passes) == ({"steps": 4}, 32, 2)
+  assert (ecfg.data.eval_task_options, ecfg.data.eval_examples, ecfg.sleep.passes) == ({"hops": 4}, 32, 2)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "sweeps", "*.yaml"))))
@@ -72,8 +72,8 @@ def test_example_sweeps_load(path, monkeypatch):
 
 
 def test_names_disambiguate_keys_with_the_same_last_part(tmp_path):
-  sweep = load_sweep(_write(tmp_path, _spec(tmp_path, grid={"data.task_options.steps": [2], "train.steps": [5]})))
-  assert [p.name for p in sweep.points] == ["task_options.steps=2,train.steps=5"]
+  sweep = load_sweep(_write(tmp_path, _spec(tmp_path, grid={"data.task_options.chunk_len": [12], "sleep.chunk_len": [12]})))
+  assert [p.name for p in sweep.points] == ["task_options.chunk_len=12,sleep.chunk_len=12"]
   sweep = load_sweep(_write(tmp_path, _spec(tmp_path)))  # no grid: one point, the base config
   assert [(p.name, p.overrides) for p in sweep.points] == [("base", [])]
 
@@ -120,7 +120,7 @@ def test_status_list_and_aggregation_with_baselines(tmp_path, capsys):
       tmp_path, grid={"sleep.passes": [1, 2, 3]},
       points=[{"label": "full-attention", "model.kind": "transformer"},
               {"label": "hard-eviction", "model.eviction": "hard"}],
-      eval={"grid": {"data.eval_task_options.steps": [1, 4]}}))
+      eval={"grid": {"data.eval_task_options.hops": [1, 4]}}))
   sweep = load_sweep(path)
   acc = {1: 0.9, 2: 0.95, 3: 1.0, None: 0.99}
   for i, p in enumerate(sweep.points):
@@ -133,7 +133,7 @@ def test_status_list_and_aggregation_with_baselines(tmp_path, capsys):
     score = lambda d: acc[passes if p.label is None else None] - 0.5 * (d == 4) * (p.label != "full-attention")
     _fake_done(sweep, i, [{"point": p.name, "label": p.label, "task": "rule110", "difficulty": d, "passes": passes,
                            "accuracy": score(d), "eval_examples": 512, "train_tokens": 100, "wall_s": 1.0,
-                           "sleep.passes": passes, "data.eval_task_options.steps": d} for d in (1, 4)])
+                           "sleep.passes": passes, "data.eval_task_options.hops": d} for d in (1, 4)])
   assert cli.main(["sweep", path, "--list"]) == 0
   listed = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
   assert [(l[0], l[1], l[3]) for l in listed] == [("0", "passes=1", "done"), ("1", "passes=2", "done"),
@@ -147,7 +147,7 @@ def test_status_list_and_aggregation_with_baselines(tmp_path, capsys):
   assert (tmp_path / "root" / "accuracy_vs_passes.png").stat().st_size > 1000
   # A changed sweep (here: another eval entry) makes a recorded point stale, not done.
   spec = yaml.safe_load(open(path))
-  spec["eval"]["grid"]["data.eval_task_options.steps"].append(8)
+  spec["eval"]["grid"]["data.eval_task_options.hops"].append(8)
   assert sweep_lib.point_status(load_sweep(_write(tmp_path, spec, "changed.yaml")), 0) == "partial"
   # ... while how it runs (data_dir, checkpoint cadence, mesh) does not.
   assert sweep_lib.point_status(load_sweep(path, ["checkpoint.every=7", "data.data_dir=elsewhere"]), 0) == "done"
@@ -174,7 +174,7 @@ def test_sweep_is_killed_resumed_and_aggregated(tmp_path, caplog):
       tmp_path, name="tiny2", grid={"sleep.passes": [1, 2]},
       overrides=[f"train.steps={steps}", "checkpoint.every=2", "data.train_examples=256", "data.eval_examples=64",
                  f"data.data_dir={tmp_path / 'data'}"],
-      eval={"grid": {"data.eval_task_options.steps": [1, 3]}}))
+      eval={"grid": {"data.eval_task_options.hops": [1, 3]}}))
   sweep = load_sweep(path)
   p0, p1 = sweep.points
   sweep_lib.run_point(sweep, 0)
@@ -210,9 +210,9 @@ def test_sweep_is_killed_resumed_and_aggregated(tmp_path, caplog):
   # Two points x two eval depths, with the columns results.json promises.
   assert sorted((r["passes"], r["difficulty"]) for r in rows) == [(1, 1), (1, 3), (2, 1), (2, 3)]
   for r in rows:
-    assert r["task"] == "rule110" and r["eval_examples"] == 64 and 0 <= r["accuracy"] <= 1 and r["wall_s"] > 0
-    assert r["train_tokens"] == steps * 32 * (20 - 1) and r["sleep.passes"] == r["passes"]
+    assert r["task"] == "khop" and r["eval_examples"] == 64 and 0 <= r["accuracy"] <= 1 and r["wall_s"] > 0
+    assert r["train_tokens"] == steps * 32 * (28 - 1) and r["sleep.passes"] == r["passes"]
   assert json.load(open(tmp_path / "root" / "results.json")) == rows
   md = (tmp_path / "root" / "results.md").read_text()
-  assert "| task | difficulty | N=1 | N=2 | eval examples |" in md and "| rule110 | 3 |" in md
+  assert "| task | difficulty | N=1 | N=2 | eval examples |" in md and "| khop | 3 |" in md
   assert (tmp_path / "root" / "accuracy_vs_passes.png").stat().st_size > 1000
