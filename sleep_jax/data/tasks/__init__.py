@@ -52,6 +52,21 @@ def options_for(name: str, options: dict[str, Any] | None = None) -> dict[str, A
   return merged
 
 
+def words(tokens, word, pad: int = 0) -> list[str]:
+  """`word(tok)` for each token, a run of n PAD tokens as one '_*n' (for `to_text`)."""
+  out, pads = [], 0
+  for tok in [int(t) for t in np.asarray(tokens)] + [None]:
+    if tok == pad:
+      pads += 1
+      continue
+    if pads:
+      out.append(f"_*{pads}")
+      pads = 0
+    if tok is not None:
+      out.append(word(tok))
+  return out
+
+
 def split_of(tokens: np.ndarray) -> str:
   digest = hashlib.blake2b(np.ascontiguousarray(tokens, dtype=np.int32).tobytes(), digest_size=8).digest()
   return "eval" if int.from_bytes(digest, "little") % EVAL_BUCKETS == 0 else "train"

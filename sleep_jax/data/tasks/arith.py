@@ -167,14 +167,6 @@ def _word(tok: int) -> str:
 
 def to_text(tokens) -> str:
   """Numbers as digits, variables as v12, ops as + - *, a run of PADs as '_*n'."""
-  words, pads = [], 0
-  for tok in [int(t) for t in np.asarray(tokens)] + [-1]:
-    if tok == PAD:
-      pads += 1
-      continue
-    if pads:
-      words.append(f"_*{pads}")
-      pads = 0
-    if tok != -1:
-      words.append(_word(tok))
-  return " ".join(words)
+  from sleep_jax.data.tasks import words
+
+  return " ".join(words(tokens, _word, PAD))

@@ -101,20 +101,14 @@ def _word(tok: int) -> str:
 
 def to_text(tokens) -> str:
   """Edges as 'n3>n7', hop counts as 'h5', a run of PADs as '_*n'."""
-  words, pads = [], 0
-  for tok in [int(t) for t in np.asarray(tokens)] + [-1]:
-    if tok == PAD:
-      pads += 1
-      continue
-    if pads:
-      words.append(f"_*{pads}")
-      pads = 0
-    if tok == -1:
-      break
-    if tok == ARROW and words:
-      words[-1] += ">"
-    elif words and words[-1].endswith(">"):
-      words[-1] += _word(tok)
+  from sleep_jax.data.tasks import words
+
+  out: list[str] = []
+  for w in words(tokens, _word, PAD):
+    if w == ">" and out:
+      out[-1] += ">"
+    elif out and out[-1].endswith(">"):
+      out[-1] += w
     else:
-      words.append(_word(tok))
-  return " ".join(words)
+      out.append(w)
+  return " ".join(out)
