@@ -74,7 +74,7 @@ def test_local_processes_get_devices_coordinator_and_logs(fake, tmp_path):
   res, attempts, _ = fake("ok")
   assert res.returncode == 0, res.stderr
   assert attempts == [1, 1]
-  logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+  logs = [(tmp_path / "logs" / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
   for log in logs:
     assert "--xla_force_host_platform_device_count=3" in log
   coords = {log.split("coordinator: ")[1].split()[0] for log in logs}

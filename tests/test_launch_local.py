@@ -62,7 +62,7 @@ def test_two_processes_by_four_devices_log_the_losses_of_one_by_eight(reference,
                        text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   for i in range(2):
-    log = (run_dir / "logs" / f"process_{i}.log").read_text()
+    log = (run_dir / "logs" / f"process_{i}.log").read_text(errors="replace")
     assert f"jax.distributed: process {i} of 2" in log
   got = losses(run_dir)
   assert sorted(got) == sorted(reference)
@@ -84,16 +84,16 @@ def test_killed_process_stops_the_job_and_the_relaunch_resumes(reference, tmp_pa
   try:
     deadline = time.monotonic() + 400
     while not checkpoint_steps(run_dir):
-      assert launcher.poll() is None, err.read_text()[-3000:]
+      assert launcher.poll() is None, err.read_text(errors="replace")[-3000:]
       assert time.monotonic() < deadline, "no checkpoint appeared"
       time.sleep(0.1)
-    pid = int(re.search(r"process 1 of 2 pid (\d+)", err.read_text()).group(1))
+    pid = int(re.search(r"process 1 of 2 pid (\d+)", err.read_text(errors="replace")).group(1))
     os.kill(pid, signal.SIGKILL)
     rc = launcher.wait(timeout=120)
   finally:
     if launcher.poll() is None:
       launcher.kill()
-  text = err.read_text()
+  text = err.read_text(errors="replace")
   assert rc == 128 + signal.SIGKILL, text[-3000:]
   assert f"process 1 of 2 (pid {pid}) was killed by SIGKILL; stopped the other 1" in text
   assert "run the same launch again" in text
@@ -102,7 +102,7 @@ def test_killed_process_stops_the_job_and_the_relaunch_resumes(reference, tmp_pa
 
   res = subprocess.run(argv, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
-  log = (run_dir / "logs" / "process_0.log").read_text()
+  log = (run_dir / "logs" / "process_0.log").read_text(errors="replace")
   assert "attempt 1" in log and re.search(r"resumed from step (\d+)", log), log[-3000:]
   assert int(re.search(r"resumed from step (\d+)", log).group(1)) >= saved[0]
   got = losses(run_dir)

@@ -92,7 +92,7 @@ def test_sweep_array_requeues_a_preempted_point_and_a_two_task_job_matches(slurm
     if two.poll() is None:
       two.kill()
   states = {**job_states(array), **job_states(collect)}
-  logs = {i: (root / "slurm" / f"sleep-jax-{array}_{i}.out").read_text() for i in (0, 1)}
+  logs = {i: (root / "slurm" / f"sleep-jax-{array}_{i}.out").read_text(errors="replace") for i in (0, 1)}
   assert states[f"{array}_0"]["JobState"] == "COMPLETED" and states[f"{array}_0"]["Restarts"] == "0", logs[0][-3000:]
   assert states[f"{array}_1"]["JobState"] == "COMPLETED" and states[f"{array}_1"]["Restarts"] == "1", logs[1][-3000:]
   assert states[collect]["JobState"] == "COMPLETED"
@@ -105,7 +105,7 @@ def test_sweep_array_requeues_a_preempted_point_and_a_two_task_job_matches(slurm
     assert sorted(losses(root / f"seed={i}")) == list(range(1, STEPS + 1))  # nothing re-logged twice
   assert (root / "results.md").exists()  # the collect job ran after the array
 
-  two_log = (tmp_path / "two" / "slurm" / f"two-tasks-{two_out.split()[0]}.out").read_text()
+  two_log = (tmp_path / "two" / "slurm" / f"two-tasks-{two_out.split()[0]}.out").read_text(errors="replace")
   assert two.returncode == 0, two_err + two_log[-3000:]
   assert "jax.distributed: process 0 of 2" in two_log and "jax.distributed: process 1 of 2" in two_log
   want, got = losses(root / "seed=0"), losses(tmp_path / "two")
