@@ -186,22 +186,29 @@ def _validate(cfg: Config) -> None:
       raise ConfigError(f"bad value for config key 'mesh.{key}': {v} (use a positive size or -1)")
 
 
+def read_yaml_mapping(path: str, what: str, error: type[ConfigError] = ConfigError) -> dict:
+  """A YAML file whose top level is a mapping; `error` (one line) if missing or malformed."""
+  if not os.path.exists(path):
+    raise error(f"{what} file not found: {path}")
+  try:
+    with open(path) as f:
+      raw = yaml.safe_load(f) or {}
+  except yaml.YAMLError as e:
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark is not None else ""
+    raise error(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
+  if not isinstance(raw, dict):
+    raise error(f"malformed {what} {path}: top level must be a mapping")
+  return raw
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
   """YAML file (optional) + `key=value` overrides -> validated `Config`."""
   schema = OmegaConf.structured(Config)
   try:
     merged = schema
     if path is not None:
-      if not os.path.exists(path):
-        raise ConfigError(f"config file not found: {path}")
-      try:
-        raw = yaml.safe_load(open(path)) or {}
-      except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
-      if not isinstance(raw, dict):
-        raise ConfigError(f"malformed config {path}: top level must be a mapping")
+      raw = read_yaml_mapping(path, "config")
       merged = OmegaConf.merge(merged, OmegaConf.create(raw))
     for item in overrides:
       if "=" not in item:

@@ -34,12 +34,11 @@ import re
 import time
 from typing import Any, Optional
 
-import yaml
 
 from sleep_jax import config as config_lib
 from sleep_jax import sweep_results
 from sleep_jax.sweep_results import read_record
-from sleep_jax.config import Config, ConfigError
+from sleep_jax.config import Config, ConfigError, read_yaml_mapping
 
 log = logging.getLogger("sleep_jax.sweep")
 
@@ -206,15 +205,7 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
 
 
 def _read(path: str) -> dict:
-  if not os.path.exists(path):
-    raise SweepError(f"sweep file not found: {path}")
-  try:
-    raw = yaml.safe_load(open(path)) or {}
-  except yaml.YAMLError as e:
-    mark = getattr(e, "problem_mark", None)
-    raise SweepError(f"malformed YAML in {path}" + (f" (line {mark.line + 1})" if mark else "")) from None
-  if not isinstance(raw, dict):
-    raise SweepError(f"{path}: top level must be a mapping")
+  raw = read_yaml_mapping(path, "sweep", SweepError)
   unknown = [k for k in raw if k not in SWEEP_KEYS]
   if unknown:
     raise SweepError(f"{path}: unknown sweep key '{unknown[0]}' (known: {', '.join(SWEEP_KEYS)})")
