@@ -23,8 +23,19 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class CMSConfig:
+  """Continuum Memory System MLPs (model.kind=cms, paper B): a chain of MLP levels, fast to
+  slow, each a base SwiGLU MLP plus a sparse mixture of pre-allocated low-rank experts."""
+  d_ff: list[int] = field(default_factory=lambda: [128, 128])  # base MLP width per level (0 = fastest)
+  update_every: list[int] = field(default_factory=lambda: [1, 4])  # level l updates every k steps
+  experts: int = 4  # pre-allocated expert slots per level (masked until activated)
+  rank: int = 8  # r: expert l is A [d, r], B [r, d]
+  top_k: int = 0  # experts per token among the active ones (0: every active expert)
+
+
+@dataclass
 class ModelConfig:
-  kind: str = "transformer"  # transformer | hybrid
+  kind: str = "transformer"  # transformer | hybrid | cms
   vocab_size: int = 256
   d_model: int = 128
   n_heads: int = 4
@@ -44,6 +55,7 @@ class ModelConfig:
   remat: bool = True  # rematerialise each layer (and each sleep chunk); sleep passes always are
   scan_layers: bool = True  # stacked parameters + lax.scan over layers
   init_std: float = 0.02
+  cms: CMSConfig = field(default_factory=CMSConfig)
 
 
 @dataclass
@@ -102,6 +114,40 @@ class CheckpointConfig:
 
 
 @dataclass
+class SeedingConfig:
+  """Knowledge seeding (`sleep-jax seed`, paper B): teacher -> expand -> consolidate -> evaluate.
+
+  The teacher (the `model` section, trained with `train.*` on the old facts) learns the new
+  facts in one fast-level expert; the student is the teacher grown (width x grow_width,
+  + grow_layers layers) onto `student_mesh`, with the fast experts reset and one new
+  slow-level expert; consolidation trains only that expert (L_KS) from the teacher."""
+  facts: dict[str, Any] = field(default_factory=dict)  # FactWorld options (data/facts.py)
+  fast_steps: int = 300  # the teacher's fast expert learns the new facts
+  fast_lr: float = 1.0e-2
+  grow_width: int = 2  # student d_model, n_heads, d_ff = teacher's x this
+  grow_layers: int = 1  # identity layers appended to the student
+  student_mesh: MeshConfig = field(default_factory=lambda: MeshConfig(data=1, fsdp=-1, tensor=1))
+  methods: list[str] = field(default_factory=lambda: ["teacher", "ks"])  # see seeding/methods.py
+  steps: int = 300  # consolidation steps per method
+  lr: float = 3.0e-3
+  batch_size: int = 32  # prompts per consolidation step
+  samples: int = 2048  # teacher-sampled dataset D
+  sample_temperature: float = 1.0
+  lam: float = 0.5  # lambda: share of the distillation loss on student-generated sequences
+  alpha: float = 0.5  # L_KS weight of the divergence (1 - alpha: imitation reward)
+  divergence: str = "fkl"  # fkl | rkl | jsd (jsd saturates when teacher and student disagree)
+  jsd_beta: float = 0.5
+  temperature: float = 1.0  # distillation softmax temperature
+  gamma: float = 0.5  # reward = gamma * r_sem + (1 - gamma) * r_abs
+  z0: int = 2  # r_abs = 0 beyond this Levenshtein distance
+  judge_margin: float = 0.5  # r_sem: teacher log-prob per token within this of the dream's
+  group_size: int = 4  # GRPO completions per prefix
+  clip_eps: float = 0.2
+  kl_coef: float = 0.02  # GRPO KL to the reference (the student before consolidation)
+  eval_every: int = 100
+
+
+@dataclass
 class DistributedConfig:
   # Multi-host: "auto" initialises jax.distributed when the environment names a cluster
   # (SLURM, TPU pod, or SLEEP_JAX_COORDINATOR); "off" never does.
@@ -135,12 +181,14 @@ class Config:
   train: TrainConfig = field(default_factory=TrainConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  seeding: SeedingConfig = field(default_factory=SeedingConfig)
   distributed: DistributedConfig = field(default_factory=DistributedConfig)
   logical_axis_rules: list[Any] = field(default_factory=_default_rules)
 
 
 _CHOICES = {
-    "model.kind": ("transformer", "hybrid"),
+    "model.kind": ("transformer", "hybrid", "cms"),
+    "seeding.divergence": ("fkl", "rkl", "jsd"),
     "model.eviction": ("none", "hard", "sliding"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "data.source": ("task", "text"),
@@ -176,6 +224,11 @@ def _validate(cfg: Config) -> None:
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"bad value for config key '{key}': {value} must be >= 1")
+  cms = cfg.model.cms
+  if len(cms.update_every) != len(cms.d_ff) or min(cms.update_every, default=1) < 1 or not cms.d_ff:
+    raise ConfigError("bad value for config key 'model.cms.update_every': one positive entry per model.cms.d_ff level")
+  if cfg.seeding.grow_width < 1 or cfg.seeding.grow_layers < 0:
+    raise ConfigError("bad value for config key 'seeding.grow_width': width factor >= 1, grow_layers >= 0")
   if cfg.train.steps < 0:
     raise ConfigError(f"bad value for config key 'train.steps': {cfg.train.steps} must be >= 0")
   if cfg.train.batch_size % cfg.train.grad_accum:

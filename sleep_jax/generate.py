@@ -135,7 +135,7 @@ def transformer_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config
     ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2)[None].astype(ck.dtype), (i, 0, 0, t, 0))
     cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2)[None].astype(cv.dtype), (i, 0, 0, t, 0))
     h_B1D = h_B1D + decode_attend(blk.attn, q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask_S)
-    h_B1D = h_B1D + blk.mlp(blk.mlp_norm(h_B1D))
+    h_B1D = blk.mlp_residual(h_B1D)
   x = model.final_norm(h_B1D)
   logits_BV = jnp.einsum("btd,dv->btv", x, model.unembed[...].astype(x.dtype)).astype(jnp.float32)[:, 0]
   return logits_BV, {"t": t + 1, "k": ck, "v": cv}
@@ -155,25 +155,29 @@ def decoder_for(model, cfg: Config) -> tuple[Callable[[int, int], Cache], Callab
 
 
 def sample_tokens(graphdef, state, prompt_BT: jax.Array, rng: jax.Array, cfg: Config, *, steps: int,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, return_logits: bool = False):
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, return_logits: bool = False,
+                  prompt_len_B: jax.Array | None = None):
   """Pure sampler (call under jit): prompt [B, T0] -> tokens [B, T0 + steps].
 
   The prompt goes through the same one-token-per-step path as the samples (a single
   `lax.scan` over T0 + steps - 1 positions), so its logits are exactly the decoding ones.
   With return_logits also returns logits [B, T0 + steps - 1, V]: entry i predicts token i+1.
+  prompt_len_B: per-row prompt lengths (<= T0); row b keeps prompt_BT[b, :len] and samples
+  the rest (imitation completes teacher dreams cut at different points).
   """
   model = nnx.merge(graphdef, state)
   B, T0 = prompt_BT.shape
   total = T0 + steps
   init, step = decoder_for(model, cfg)
   tokens_BT = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt_BT.astype(jnp.int32))
+  lens_B = jnp.full((B,), T0, jnp.int32) if prompt_len_B is None else prompt_len_B.astype(jnp.int32)
 
   def body(carry, i):
     cache, tokens_BT = carry
     logits_BV, cache = step(cache, tokens_BT[:, i])
     sampled_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
                               top_p=top_p)
-    nxt_B = jnp.where(i + 1 < T0, tokens_BT[:, jnp.minimum(i + 1, total - 1)], sampled_B)
+    nxt_B = jnp.where(i + 1 < lens_B, tokens_BT[:, jnp.minimum(i + 1, total - 1)], sampled_B)
     tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, nxt_B[:, None], (0, i + 1))
     return (cache, tokens_BT), (logits_BV if return_logits else None)
 

@@ -26,15 +26,41 @@ def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Sch
   warmup = min(t.warmup_steps, max(t.steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup, max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
-  # No weight decay on norm scales, biases and GDN gate parameters (leaf names).
-  no_decay = ("scale", "bias", "a_log", "dt_bias")  # a_log, dt_bias: GDN decay gates
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) not in no_decay, params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(t.clip_norm),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask),
-  )
-  return tx, schedule
+  adamw = lambda sched: optax.adamw(sched, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
+  if cfg.model.kind == "cms":
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm), cms_frequencies(cfg, adamw, schedule)), schedule
+  return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw(schedule)), schedule
+
+
+# No weight decay on norm scales, biases, GDN gate parameters and CMS expert flags (leaf names).
+NO_DECAY = ("scale", "bias", "a_log", "dt_bias", "active")  # a_log, dt_bias: GDN decay gates
+
+
+def decay_mask(params):
+  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params)
+
+
+def cms_frequencies(cfg: Config, adamw, schedule) -> optax.GradientTransformation:
+  """CMS levels updated at their own frequencies: level l accumulates its gradients over
+  update_every[l] steps (optax.MultiSteps) and applies one update, with the learning rate
+  of the global step it lands on; in between its parameters stay bit-identical."""
+  from sleep_jax.models.cms import cms_update_labels
+
+  txs = {"rest": adamw(schedule)}
+  for level, k in enumerate(cfg.model.cms.update_every):
+    inner = adamw(lambda count, k=k: schedule(count * k))
+    txs[f"level{level}"] = inner if k == 1 else optax.MultiSteps(inner, every_k_schedule=k).gradient_transformation()
+  return optax.multi_transform(txs, cms_update_labels)
+
+
+def optax_state_shardings(tx, abstract_opt, param_shardings, rep):
+  """Optimizer-state shardings: parameter-shaped leaves follow their parameter, the rest
+  (counts, ...) is replicated; multi_transform's MaskedNode placeholders stay as they are."""
+  masked = optax.transforms.MaskedNode if hasattr(optax, "transforms") else optax.MaskedNode
+  return optax.tree_map_params(
+      tx, lambda p, s: p if isinstance(p, masked) else s, abstract_opt, param_shardings,
+      transform_non_params=lambda x: x if isinstance(x, masked) else rep,
+      is_leaf=lambda x: isinstance(x, (NamedSharding, masked)))
 
 
 def cast_params(params, dtype: str):
@@ -75,9 +101,7 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(cfg)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     rep = shd.replicated(self.mesh)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_shardings = optax_state_shardings(self.tx, abstract_opt, self.param_shardings, rep)
     self.state_shardings = {"step": rep, "params": self.param_shardings, "opt_state": opt_shardings, "rng": rep}
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -19,6 +19,10 @@ def model_factory(cfg: Config) -> Callable[[nnx.Rngs], nnx.Module]:
     from sleep_jax.models.hybrid import HybridLM
 
     return lambda rngs: HybridLM(cfg.model, rngs=rngs)
+  if cfg.model.kind == "cms":
+    from sleep_jax.models.cms import CMSTransformer
+
+    return lambda rngs: CMSTransformer(cfg.model, rngs=rngs)
   raise ValueError(f"unknown model.kind {cfg.model.kind!r}")
 
 

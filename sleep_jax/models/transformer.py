@@ -23,9 +23,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std)
 
+  def mlp_residual(self, x_BTD):
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
   def __call__(self, x_BTD, positions_BT, eviction: str, chunk_len: int):
     x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, eviction, chunk_len)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return self.mlp_residual(x_BTD)
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):
@@ -57,10 +60,12 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: bool, unroll: bool = Fals
 
 
 class Transformer(nnx.Module):
+  block_cls = Block  # the CMS model (models/cms.py) swaps in its own block
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0)
-    self.blocks = stacked(lambda r: Block(cfg, rngs=r), cfg.n_layers, rngs)
+    self.blocks = stacked(lambda r: self.block_cls(cfg, rngs=r), cfg.n_layers, rngs)
     self.final_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 

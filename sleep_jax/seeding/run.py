@@ -1,0 +1,141 @@
+"""The `seed` pipeline driver: stages in order, one consolidation per method, the results table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from sleep_jax import distributed
+from sleep_jax import sharding as shd
+from sleep_jax.checkpoint import Checkpointer
+from sleep_jax.config import Config, ConfigError
+from sleep_jax.data.facts import FactWorld
+from sleep_jax.loop import check_saved_config, write_config
+from sleep_jax.seeding import expand, report, steps
+from sleep_jax.seeding.methods import check_methods, method_spec
+from sleep_jax.seeding.pipeline import (FAST, ModelOnMesh, divergence_to_teacher, expand_student, scores,
+                                        teacher_samples, to_global, train_teacher)
+from sleep_jax.seeding.stage import run_stage
+
+log = logging.getLogger("sleep_jax")
+
+
+def _timed(path: str, fn):
+  """fn() and its wall time; the time of a stage finished earlier is read back from `path`."""
+  t0 = time.perf_counter()
+  out = fn()
+  wall = time.perf_counter() - t0
+  if os.path.exists(path):
+    with open(path) as f:
+      return out, json.load(f)["wall_s"]
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump({"wall_s": wall}, f)
+  return out, wall
+
+
+def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_params, student_params,
+                D: dict[str, np.ndarray], world: FactWorld):
+  """Train the student by method `name`; returns its final parameters."""
+  sc, spec = cfg.seeding, method_spec(name, cfg.seeding)
+  slow = len(cfg.model.cms.d_ff) - 1
+  params = student_params
+  if spec["train"] == "slow_mlp":  # no expansion: undo the new expert, train existing weights
+    slot = expand.active_slots(jax.device_get(params), slow)[-1]
+    params = expand.set_expert(params, slow, slot, active=False)
+    labels = steps.train_labels(params, level=slow, slot=None)
+  else:
+    labels = steps.train_labels(params, level=slow, slot=expand.active_slots(jax.device_get(params), slow)[-1])
+  tx = steps.masked_optimizer(labels, sc.lr, sc.steps)
+  shardings, abstract, make = s.train_state(tx, cfg.seed + 7)
+  bsh = shd.batch_sharding(s.mesh)
+  if spec["kind"] == "sft":
+    fn = jax.jit(functools.partial(steps.sft_step, s.graphdef, tx), in_shardings=(shardings, bsh),
+                 out_shardings=(shardings, s.rep), donate_argnums=(0,))
+    call = lambda state, batch: fn(state, batch)
+  else:
+    hp = {"lam": spec["lam"], "alpha": spec["alpha"]}
+    fn = steps.jit_step(functools.partial(steps.ks_step, s.graphdef, t.graphdef, tx, cfg, s.cfg, hp), shardings,
+                        (t.on(s.mesh), s.shardings), bsh, s.rep)
+    teacher_on_s = jax.device_put(teacher_params, t.on(s.mesh))
+    call = lambda state, batch: fn(state, teacher_on_s, student_params, batch)
+
+  def batch(i):  # rows of D: a pure function of (seed, step)
+    idx = np.random.default_rng([cfg.seed, i, 13]).integers(0, len(D["tokens"]), sc.batch_size)
+    return to_global({k: v[idx] for k, v in D.items()}, s.mesh)
+
+  def on_eval(state, _):
+    return {f"eval/{k}": v for k, v in scores(s, state["params"], world).items()}
+
+  state = run_stage(os.path.join(cfg.run_dir, "methods", name), abstract_state=abstract, init=lambda: make(params),
+                    step=lambda st, i: call(st, batch(i)), steps=sc.steps, every=cfg.checkpoint.every,
+                    log_every=cfg.train.log_every, desc=f"consolidate: {name}", on_eval=on_eval,
+                    eval_every=sc.eval_every)
+  return state["params"]
+
+
+def run_seed(cfg: Config) -> list[dict]:
+  if cfg.model.kind != "cms":
+    raise ConfigError("bad value for config key 'model.kind': knowledge seeding needs 'cms'")
+  check_methods(cfg.seeding)
+  try:
+    world = FactWorld.from_options(cfg.seeding.facts)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad value for config key 'seeding.facts': {e}") from None
+  if world.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the facts' "
+                      f"vocabulary {world.vocab_size}")
+  distributed.maybe_initialize(cfg.distributed)
+  check_saved_config(cfg)
+  write_config(cfg)
+  t = ModelOnMesh(cfg, shd.make_mesh(cfg.mesh))
+  s = ModelOnMesh(expand.student_config(cfg), shd.make_mesh(cfg.seeding.student_mesh))
+  rd = cfg.run_dir
+  teacher_params, t_wall = _timed(os.path.join(rd, "teacher", "wall.json"), lambda: train_teacher(cfg, world, t))
+
+  ck = Checkpointer(os.path.join(rd, "student_init"), keep=1, async_save=False)
+  restored = ck.restore_latest({"params": jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                                        s.abstract, s.shardings), "diff": jax.ShapeDtypeStruct((), np.float32)})
+  if restored is None:
+    student_params, diff = expand_student(cfg, t, s, teacher_params)
+    ck.save(0, {"params": student_params, "diff": np.float32(diff)}, {"step": 0}, wait=True)
+  else:
+    student_params, diff = restored[1]["params"], float(restored[1]["diff"])
+  ck.close()
+  log.info("expansion: max |student - teacher| logits = %.2e before the fast experts were reset", diff)
+  D = teacher_samples(cfg, world, t, teacher_params)
+
+  rows = []
+  for name in cfg.seeding.methods:
+    out = os.path.join(rd, "methods", name, "eval.json")
+    if os.path.exists(out):  # finished earlier
+      with open(out) as f:
+        rows.append(json.load(f))
+      continue
+    if name == "teacher":
+      row = {**scores(t, teacher_params, world), "divergence_to_teacher": 0.0, "wall_s": t_wall}
+    elif name == "expanded":
+      row = {**scores(s, student_params, world), "wall_s": 0.0,
+             "divergence_to_teacher": divergence_to_teacher(t, teacher_params, s, student_params, world)}
+    else:
+      t0 = time.perf_counter()
+      params = consolidate(cfg, name, t, s, teacher_params, student_params, D, world)
+      row = {**scores(s, params, world), "wall_s": time.perf_counter() - t0,
+             "divergence_to_teacher": divergence_to_teacher(t, teacher_params, s, params, world)}
+    row = {"method": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
+           "expansion_max_abs_diff": diff}
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      with open(out, "w") as f:
+        json.dump(row, f, indent=2)
+    log.info("%s", row)
+    rows.append(row)
+  if jax.process_index() == 0:
+    report.write(rd, rows)
+  return rows

@@ -1,0 +1,137 @@
+"""The jitted knowledge-seeding steps: masked SFT and the L_KS consolidation step.
+
+Both are pure functions of explicit pytrees, jitted with the student's shardings and a
+donated state {"step", "params", "opt_state", "rng"}. Only the parameters labelled "train"
+move: the optimizer is an optax.multi_transform whose "freeze" branch is set_to_zero, so
+every other parameter stays bit-identical (tested).
+
+L_KS step (maximises (1 - alpha) E[r] - alpha D(T||S)), all in ONE jitted step:
+  1. off-policy: F(T||S) on the teacher-sampled batch from D (teacher logits in-step);
+  2. on-policy (lambda > 0): the student samples completions of D's prompts (no gradient
+     through sampling), the teacher scores them in the same step;
+  3. imitation (alpha < 1): B/G dreams of the batch are cut at random points, the student
+     completes each G times, rewards as in imitate.py, GRPO against the frozen reference
+     (the student before consolidation).
+  loss = alpha * ((1 - lambda) F_off + lambda F_on) + (1 - alpha) * L_GRPO
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sleep_jax.config import Config
+from sleep_jax.data.facts import PROMPT_LEN
+from sleep_jax.generate import sample_tokens
+from sleep_jax.seeding import distill, imitate
+from sleep_jax.seeding.expand import _path
+
+
+def train_labels(params: dict, *, level: int, slot: int | None) -> Any:
+  """'train' for expert `slot` of CMS `level` (slot None: that level's base MLP), else 'freeze'."""
+  def label(path, _):
+    p = _path(path)
+    if "levels" not in p or p[p.index("levels") + 1] != level or p[-1] == "active":
+      return "freeze"
+    if slot is None:
+      return "train" if "mlp" in p else "freeze"
+    return "train" if p[-3:-1] == ("experts", slot) else "freeze"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def masked_optimizer(labels, lr: float, steps: int, clip: float = 1.0) -> optax.GradientTransformation:
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
+  train = optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
+  return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
+
+
+def _apply(tx, state, grads, metrics):
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}, metrics
+
+
+def sft_step(graphdef, tx, state, batch):
+  """Masked cross-entropy on statements (the fast stage, and the `sft` baseline on D)."""
+  inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
+
+  def loss_fn(params):
+    logits = nnx.merge(graphdef, params)(inputs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return distill.masked_mean(ce, mask)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  return _apply(tx, state, grads, {"loss": loss})
+
+
+def _teacher_lp(teacher, seq_BT, mask_BT):
+  """Mean teacher log-prob per masked target token, per row [B]."""
+  lp = distill.sequence_log_probs(teacher(seq_BT[:, :-1]), seq_BT[:, 1:])
+  m = mask_BT[:, 1:].astype(jnp.float32)
+  return jnp.sum(lp * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+
+
+def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, state, teacher_params, ref_params,
+            batch):
+  """One L_KS step. hp: lam, alpha (the method's), from methods.py."""
+  sc = cfg.seeding
+  lam, alpha = hp["lam"], hp["alpha"]
+  tokens, mask = batch["tokens"], batch["loss_mask"]
+  B, T = tokens.shape
+  rng = jax.random.fold_in(state["rng"], state["step"])
+  r_on, r_im, r_cut = jax.random.split(rng, 3)
+  teacher = nnx.merge(t_graphdef, teacher_params)
+  frozen = jax.lax.stop_gradient(state["params"])
+  sample = functools.partial(sample_tokens, s_graphdef, frozen, cfg=scfg, temperature=1.0)
+  div = functools.partial(distill.token_divergence, kind=sc.divergence, beta=sc.jsd_beta, temperature=sc.temperature)
+
+  t_off = teacher(tokens[:, :-1])
+  if lam > 0:
+    y_on = sample(tokens[:, :PROMPT_LEN], r_on, steps=T - PROMPT_LEN)
+    t_on = teacher(y_on[:, :-1])
+  if alpha < 1:
+    G = sc.group_size
+    dreams = jnp.repeat(tokens[: B // G], G, axis=0)  # [B', T], B' = (B // G) * G
+    cut = jnp.repeat(jax.random.randint(r_cut, (B // G,), PROMPT_LEN, T), G)  # prefix length, >= 1 to complete
+    comp = sample(dreams, r_im, steps=0, prompt_len_B=cut)
+    cmask = (jnp.arange(T)[None] >= cut[:, None]).astype(jnp.int32)
+    r_sem = imitate.judge_same(_teacher_lp(teacher, comp, cmask), _teacher_lp(teacher, dreams, cmask),
+                               sc.judge_margin)
+    # Completed parts, left-aligned: position j of row b is token cut_b + j.
+    idx = jnp.minimum(cut[:, None] + jnp.arange(T)[None], T - 1)
+    rewards, r_abs = imitate.imitation_reward(jnp.take_along_axis(comp, idx, 1), jnp.take_along_axis(dreams, idx, 1),
+                                              T - cut, z0=sc.z0, r_sem_B=r_sem, gamma=sc.gamma)
+    adv = imitate.group_advantages(rewards.reshape(-1, G)).reshape(-1)
+    ref = nnx.merge(s_graphdef, ref_params)
+    lp_ref = jax.lax.stop_gradient(distill.sequence_log_probs(ref(comp[:, :-1]), comp[:, 1:]))
+
+  def loss_fn(params):
+    student = nnx.merge(s_graphdef, params)
+    m = {"distill_off": distill.masked_mean(div(t_off, student(tokens[:, :-1])), mask[:, 1:])}
+    d = m["distill_off"]
+    if lam > 0:
+      m["distill_on"] = distill.masked_mean(div(t_on, student(y_on[:, :-1])), mask[:, 1:])
+      d = (1.0 - lam) * d + lam * m["distill_on"]
+    loss = d
+    if alpha < 1:
+      lp = distill.sequence_log_probs(student(comp[:, :-1]), comp[:, 1:])
+      g, gs = imitate.grpo_loss(lp, jax.lax.stop_gradient(lp), lp_ref, adv, cmask[:, 1:], clip_eps=sc.clip_eps,
+                                kl_coef=sc.kl_coef)
+      m.update(grpo_loss=g, reward=rewards.mean(), r_abs=r_abs.mean(), r_sem=r_sem.mean(), **gs)
+      loss = alpha * d + (1.0 - alpha) * g
+    return loss, {**m, "divergence": d}
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  return _apply(tx, state, grads, {"loss": loss, **metrics})
+
+
+def jit_step(fn: Callable, state_shardings, other_shardings: tuple, batch_sharding, rep):
+  return jax.jit(fn, in_shardings=(state_shardings, *other_shardings, batch_sharding),
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,))

@@ -1,0 +1,201 @@
+"""Knowledge seeding (paper B): CMS experts, expansion, divergences, imitation rewards, GRPO."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, subprocess_env
+from sleep_jax import sharding as shd
+from sleep_jax.config import load_config
+from sleep_jax.models import model_factory
+from sleep_jax.seeding import distill, expand, imitate, steps
+from sleep_jax.seeding.pipeline import ModelOnMesh
+from sleep_jax.train import Trainer
+
+SEED_TINY = os.path.join(REPO, "experiments", "seed_tiny.yaml")
+
+
+def _cfg(*extra):
+  return load_config(SEED_TINY, list(extra))
+
+
+def _params_with_trained_fast_expert(cfg, seed=0):
+  """A CMS model whose fast expert is active with non-zero weights (as after the fast stage)."""
+  make = model_factory(cfg)
+  params = nnx.to_pure_dict(nnx.split(make(nnx.Rngs(seed)))[1])
+  params = expand.set_expert(params, 0, 0, active=True)
+  e = params["blocks"]["levels"][0]["experts"][0]
+  k1, k2 = jax.random.split(jax.random.key(seed + 1))
+  e["b"] = 0.2 * jax.random.normal(k1, e["b"].shape)
+  e["gate"] = 0.5 * jax.random.normal(k2, e["gate"].shape)
+  return make, params
+
+
+def _logits(cfg, params, tokens):
+  graphdef = shd.abstract_model(model_factory(cfg))[0]
+  return nnx.merge(graphdef, params)(tokens)
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (4, 6)))
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_expert_activation_preserves_logits(top_k):
+  cfg = _cfg(f"model.cms.top_k={top_k}")
+  _, params = _params_with_trained_fast_expert(cfg)
+  before = _logits(cfg, params, TOKENS)
+  for level in (0, 1):
+    slot = expand.next_free_slot(params, level)
+    after = _logits(cfg, expand.set_expert(params, level, slot, active=True), TOKENS)
+    assert float(jnp.max(jnp.abs(after - before))) <= 1e-5
+  # ... and the activated expert does change the function once B moves away from 0.
+  p2 = expand.set_expert(params, 1, 0, active=True)
+  p2["blocks"]["levels"][1]["experts"][0]["b"] = jnp.ones_like(p2["blocks"]["levels"][1]["experts"][0]["b"])
+  assert float(jnp.max(jnp.abs(_logits(cfg, p2, TOKENS) - before))) > 1e-3
+
+
+def test_model_growth_preserves_logits():
+  cfg = _cfg()
+  _, params = _params_with_trained_fast_expert(cfg)
+  params = expand.set_expert(params, 1, 0, active=True)
+  scfg = expand.student_config(cfg)
+  assert scfg.model.d_model == 2 * cfg.model.d_model and scfg.model.n_layers == cfg.model.n_layers + 1
+  big = nnx.to_pure_dict(nnx.split(model_factory(scfg)(nnx.Rngs(5)))[1])
+  logical = shd.abstract_model(model_factory(cfg))[2]
+  grown = expand.grow_params(params, logical, big, width=2)
+  diff = jnp.abs(_logits(scfg, grown, TOKENS) - _logits(cfg, params, TOKENS))
+  assert float(jnp.max(diff)) <= 1e-5
+  # The appended layer is an identity: zero output projections, no active expert.
+  last = jax.tree.map(lambda a: a[-1], grown["blocks"])
+  assert not np.any(np.asarray(last["attn"]["wo"])) and not np.any(np.asarray(last["levels"][0]["mlp"]["w_down"]))
+
+
+def test_reset_level_removes_the_fast_expert():
+  cfg = _cfg()
+  _, params = _params_with_trained_fast_expert(cfg)
+  plain = expand.set_expert(params, 0, 0, active=False)
+  reset = expand.reset_level(params, 0)
+  chex.assert_trees_all_close(_logits(cfg, reset, TOKENS), _logits(cfg, plain, TOKENS), atol=0)
+  assert expand.active_slots(reset, 0) == []
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
+def test_divergences_match_numpy(kind):
+  rng = np.random.default_rng(1)
+  t, s = rng.normal(size=(2, 3, 7)) * 2, rng.normal(size=(2, 3, 7)) * 2
+  tau, beta = 1.5, 0.3
+  p, q = np.exp(_np_log_softmax(t / tau)), np.exp(_np_log_softmax(s / tau))
+  kl = lambda a, b: np.sum(a * (np.log(a) - np.log(b)), -1)
+  m = beta * p + (1 - beta) * q
+  expected = {"fkl": kl(p, q), "rkl": kl(q, p), "jsd": beta * kl(p, m) + (1 - beta) * kl(q, m)}[kind]
+  got = distill.token_divergence(jnp.asarray(t), jnp.asarray(s), kind, beta=beta, temperature=tau)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  same = distill.token_divergence(jnp.asarray(t), jnp.asarray(t), kind, beta=beta, temperature=tau)
+  np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-6)
+
+
+def test_levenshtein_and_reward_on_known_strings():
+  enc = lambda s, n: jnp.asarray([ord(c) for c in s] + [0] * (n - len(s)))
+  lev = lambda a, b: int(imitate.levenshtein(enc(a, 8), enc(b, 8), len(a), len(b)))
+  assert lev("kitten", "sitting") == 3 and lev("flaw", "lawn") == 2 and lev("", "abc") == 3 and lev("same", "same") == 0
+  comp = jnp.stack([enc("abcd", 4), enc("abxd", 4), enc("dcba", 4)])
+  dream = jnp.stack([enc("abcd", 4)] * 3)
+  r, r_abs = imitate.imitation_reward(comp, dream, jnp.array([4, 4, 4]), z0=2, r_sem_B=jnp.array([1.0, 0.0, 0.0]),
+                                      gamma=0.5)
+  # lev = 0, 1, 4: r_abs = 1, 0.75, 0 (4 > z0); r = 0.5 r_sem + 0.5 r_abs
+  np.testing.assert_allclose(np.asarray(r_abs), [1.0, 0.75, 0.0])
+  np.testing.assert_allclose(np.asarray(r), [1.0, 0.375, 0.0])
+
+
+def test_grpo_advantages_and_clipping_by_hand():
+  adv = imitate.group_advantages(jnp.array([[1.0, 0.0, 0.0, 1.0]]), eps=0.0)
+  np.testing.assert_allclose(np.asarray(adv), [[1.0, -1.0, -1.0, 1.0]])
+  # Two one-token sequences: ratio 1.5 with A=+1 is clipped to 1.2; ratio 0.5 with A=-1 to 0.8,
+  # and min(0.5 * -1, 0.8 * -1) = -0.8. KL term off.
+  logp = jnp.log(jnp.array([[1.5], [0.5]]))
+  loss, stats = imitate.grpo_loss(logp, jnp.zeros((2, 1)), logp, jnp.array([1.0, -1.0]), jnp.ones((2, 1)),
+                                  clip_eps=0.2, kl_coef=0.0)
+  np.testing.assert_allclose(float(loss), -(1.2 + -0.8) / 2, rtol=1e-6)
+  assert float(stats["clip_frac"]) == 1.0 and float(stats["kl"]) == 0.0
+
+
+def test_ks_step_trains_only_the_new_expert():
+  cfg = _cfg("seeding.batch_size=8", "seeding.group_size=4")
+  scfg = expand.student_config(cfg)
+  t = ModelOnMesh(cfg, shd.make_mesh(cfg.mesh))
+  s = ModelOnMesh(scfg, shd.make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh))
+  _, tp = _params_with_trained_fast_expert(cfg)
+  sp = expand.set_expert(s.init(3), 1, 0, active=True)
+  labels = steps.train_labels(sp, level=1, slot=0)
+  tx = steps.masked_optimizer(labels, 1e-2, 10)
+  _, _, make = s.train_state(tx, 0)
+  state = make(sp)
+  before = jax.device_get(state["params"])
+  fn = jax.jit(lambda st, tp, rp, b: steps.ks_step(s.graphdef, t.graphdef, tx, cfg, scfg, {"lam": 0.5, "alpha": 0.5},
+                                                   st, tp, rp, b))
+  toks = np.random.default_rng(0).integers(4, 40, (8, 6)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(toks), "loss_mask": jnp.asarray(np.tile([0, 0, 0, 1, 1, 1], (8, 1)))}
+  for _ in range(2):  # step 0 has lr 0 (warm-up)
+    state, metrics = fn(state, tp, sp, batch)
+  assert np.isfinite(float(metrics["loss"])) and "reward" in metrics
+  after = jax.device_get(state["params"])
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+  for path, lab in jax.tree_util.tree_flatten_with_path(labels)[0]:
+    m = dict(jax.tree_util.tree_flatten_with_path(moved)[0])[path]
+    if lab == "freeze":
+      assert not m, f"frozen {jax.tree_util.keystr(path)} changed"
+  assert moved["blocks"]["levels"][1]["experts"][0]["b"]
+
+
+def test_cms_levels_update_at_their_frequencies():
+  cfg = load_config(SEED_TINY, ["model.cms.update_every=[1,3]", "train.warmup_steps=0", "train.steps=10"])
+  tr = Trainer(cfg)
+  state = tr.init_state()
+  toks = np.random.default_rng(0).integers(4, 40, (32, 6)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(toks), "loss_mask": jnp.ones((32, 6), jnp.int32)}
+  w = lambda st, lvl: np.asarray(st["params"]["blocks"]["levels"][lvl]["mlp"]["w_up"])
+  history = [jax.device_get(state)]
+  for _ in range(3):
+    state, _ = tr.train_step(state, batch)
+    history.append(jax.device_get(state))
+  fast = [not np.array_equal(w(a, 0), w(b, 0)) for a, b in zip(history, history[1:])]
+  slow = [not np.array_equal(w(a, 1), w(b, 1)) for a, b in zip(history, history[1:])]
+  assert fast == [True, True, True] and slow == [False, False, True]
+
+
+@pytest.mark.slow
+def test_seed_cli_student_on_another_mesh_runs_and_resumes(tmp_path):
+  run = tmp_path / "seed"
+  cmd = [sys.executable, "-m", "sleep_jax.cli", "seed", SEED_TINY, f"run_dir={run}", "train.steps=20",
+         "seeding.fast_steps=10", "seeding.steps=4", "checkpoint.every=10", "mesh.data=8",
+         "seeding.student_mesh.data=1", "seeding.student_mesh.fsdp=4", "seeding.student_mesh.tensor=2",
+         "seeding.methods=[teacher,expanded,ks,no_expansion]"]
+  out = subprocess.run(cmd, env=subprocess_env(8), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.loads((run / "results.json").read_text())
+  assert [r["method"] for r in rows] == ["teacher", "expanded", "ks", "no_expansion"]
+  assert all(r["expansion_max_abs_diff"] <= 1e-5 for r in rows)
+  for name in ("results.md", "results.png", "teacher/pretrain/metrics.jsonl", "methods/ks/metrics.jsonl"):
+    assert (run / name).exists(), name
+  ks_metrics = [json.loads(l) for l in (run / "methods/ks/metrics.jsonl").read_text().splitlines()]
+  assert {"distill_off", "distill_on", "reward", "grpo_loss"} <= set(ks_metrics[-1])
+  # Re-running resumes: every stage is found finished and the same rows come back.
+  again = subprocess.run(cmd, env=subprocess_env(8), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((run / "results.json").read_text()) == rows
+  bad = subprocess.run(cmd[:-1] + ["seeding.methods=[ks,dream]"], env=subprocess_env(8), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "unknown method 'dream'" in bad.stderr and "Traceback" not in bad.stderr
