@@ -148,6 +148,31 @@ class SeedingConfig:
 
 
 @dataclass
+class DreamingConfig:
+  """Dreaming and continual learning (`sleep-jax dream`, paper B). A CMS base model (the
+  `model` section, `train.*`) learns closed-book QA on old facts and reading (restating a
+  passage's facts as QA); then each day's passage is read and evicted, and every method in
+  `methods` updates its own copy of the model (see dreaming/harness.py)."""
+  world: dict[str, Any] = field(default_factory=dict)  # DayWorld options (data/days.py)
+  methods: list[str] = field(default_factory=lambda: ["base", "finetune", "dream", "sleep"])
+  dreams: int = 16  # m dreams sampled per day (and per round)
+  dream_temperature: float = 1.0
+  novelty_expert: bool = True  # each router also activates one random expert while dreaming
+  top_k: int = 6  # keep the k dreams with the largest SFT-gradient norm ...
+  random_extra: int = 2  # ... plus b random others
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  copy_steps: int = 20  # LoRA SFT steps of each isolated copy
+  copy_lr: float = 1.0e-2
+  rounds: int = 2  # ReST-EM rounds
+  rest_steps: int = 20  # generator fine-tuning steps per round, on rewarded dreams
+  rest_lr: float = 3.0e-3
+  write_steps: int = 100  # steps of the day's knowledge write (finetune, dream, sleep)
+  write_lr: float = 1.0e-2
+  finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step
+
+
+@dataclass
 class DistributedConfig:
   # Multi-host: "auto" initialises jax.distributed when the environment names a cluster
   # (SLURM, TPU pod, or SLEEP_JAX_COORDINATOR); "off" never does.
@@ -182,6 +207,7 @@ class Config:
   mesh: MeshConfig = field(default_factory=MeshConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   seeding: SeedingConfig = field(default_factory=SeedingConfig)
+  dreaming: DreamingConfig = field(default_factory=DreamingConfig)
   distributed: DistributedConfig = field(default_factory=DistributedConfig)
   logical_axis_rules: list[Any] = field(default_factory=_default_rules)
 

@@ -33,7 +33,7 @@ log = logging.getLogger("sleep_jax")
 # train.steps may grow to extend a run; note that this stretches the LR schedule.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.data_dir",
-                     "seeding.student_mesh.", "seeding.methods", "seeding.eval_every")
+                     "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods")
 
 
 class NonFiniteLoss(RuntimeError):

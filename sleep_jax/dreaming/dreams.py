@@ -1,0 +1,122 @@
+"""Dream sampling, gradient-based selection, isolated LoRA copies and ReST-EM (pure jitted parts).
+
+* Dreams: m continuations of `passage QUERY` from the jitted sampler; with novelty on, each
+  dream is sampled with every CMS router also activating one random expert slot (a slot
+  still at B = 0 changes nothing; slots filled on earlier days perturb the writer).
+* Importance: the L2 norm of the gradient of a dream's closed-book SFT loss with respect to
+  all model parameters (a dream the model already "knows" has a small gradient). Keep the
+  top k plus b others drawn at random (deterministic per rng).
+* Isolated copies: each kept dream trains its own LoRA adapter for `copy_steps` Adam steps
+  on the frozen base; all copies at once with jax.vmap over adapters (SEAL trains one copy
+  at a time). Reward 1 iff the copy's closed-book accuracy on the day's probes beats the
+  base model's (the task evaluation tau).
+* ReST-EM: the generator (the model plus its own LoRA adapter, kept across days) is
+  fine-tuned on `passage QUERY dream` for the rewarded dreams only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sleep_jax.data.facts import BOS
+from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.generate import sample_tokens
+
+
+def force_experts(params: dict, slots_L: jax.Array) -> dict:
+  """Every CMS level l also activates expert slots_L[l] (novelty while dreaming)."""
+  levels = dict(params["blocks"]["levels"])
+  for level, sub in levels.items():
+    experts = {e: dict(x) for e, x in sub["experts"].items()}
+    for e in experts:
+      experts[e]["active"] = jnp.where(slots_L[level] == e, jnp.ones_like(experts[e]["active"]), experts[e]["active"])
+    levels[level] = {**sub, "experts": experts}
+  return {**params, "blocks": {**params["blocks"], "levels": levels}}
+
+
+def sample_dreams(graphdef, params, prompt_T: jax.Array, rng: jax.Array, *, cfg, m: int, length: int,
+                  temperature: float, novelty: bool) -> jax.Array:
+  """Dreams [m, length]: the prompt's last token (QUERY) + length - 1 sampled tokens."""
+  n_levels = len(params["blocks"]["levels"])
+  n_slots = len(params["blocks"]["levels"][0]["experts"])
+
+  def one(key):
+    k_slot, k_tok = jax.random.split(key)
+    p = force_experts(params, jax.random.randint(k_slot, (n_levels,), 0, n_slots)) if novelty else params
+    out = sample_tokens(graphdef, p, prompt_T[None], k_tok, cfg, steps=length - 1, temperature=temperature)
+    return out[0, prompt_T.shape[0] - 1:]
+
+  return jax.vmap(one)(jax.random.split(rng, m))
+
+
+def closed_book(dreams_MN: jax.Array, attr_mask_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Dreams as closed-book training text: BOS + dream, loss on the attribute positions."""
+  tokens = jnp.concatenate([jnp.full((dreams_MN.shape[0], 1), BOS, dreams_MN.dtype), dreams_MN], axis=1)
+  mask = jnp.concatenate([jnp.zeros((1,), jnp.int32), attr_mask_N.astype(jnp.int32)])
+  return tokens, jnp.broadcast_to(mask, tokens.shape)
+
+
+def sft_loss(graphdef, params, tokens_BT, mask_BT) -> jax.Array:
+  logits = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT[:, 1:])
+  m = mask_BT[:, 1:].astype(jnp.float32)
+  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def importance(graphdef, params, tokens_MT, mask_MT) -> jax.Array:
+  """Per-dream SFT gradient norm [M]."""
+  g = lambda t, m: optax.global_norm(jax.grad(sft_loss, argnums=1)(graphdef, params, t[None], m[None]))
+  return jax.vmap(g)(tokens_MT, mask_MT)
+
+
+def select(scores_M: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np.ndarray:
+  """Indices of the top-k scores plus b drawn uniformly from the rest (sorted)."""
+  order = np.argsort(-np.asarray(scores_M), kind="stable")
+  top, rest = order[:k], order[k:]
+  extra = rng.choice(rest, min(b, len(rest)), replace=False) if len(rest) else np.array([], int)
+  return np.sort(np.concatenate([top, extra]).astype(int))
+
+
+def probe_scores(graphdef, params, probes_FT, mask_FT) -> tuple[jax.Array, jax.Array]:
+  """(exact-match accuracy, loss) of closed-book probes under teacher forcing; exact match
+  of every answer token given the true prefix equals greedy-decoding exact match."""
+  logits = nnx.merge(graphdef, params)(probes_FT[:, :-1])
+  m = mask_FT[:, 1:]
+  ok = (jnp.argmax(logits, -1) == probes_FT[:, 1:]) | (m == 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), probes_FT[:, 1:])
+  return jnp.mean(jnp.all(ok, -1).astype(jnp.float32)), jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1)
+
+
+def train_copy(graphdef, params, adapter, tokens_T, mask_T, *, steps: int, lr: float, alpha: float):
+  """One isolated copy: `steps` Adam steps of LoRA SFT on one dream. Returns the adapter."""
+  tx = optax.adam(lr)
+  loss = lambda ad: sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None])
+
+  def body(carry, _):
+    ad, opt = carry
+    g = jax.grad(loss)(ad)
+    upd, opt = tx.update(g, opt, ad)
+    return (optax.apply_updates(ad, upd), opt), None
+
+  (adapter, _), _ = jax.lax.scan(body, (adapter, tx.init(adapter)), None, length=steps)
+  return adapter
+
+
+def copy_rewards(graphdef, params, adapters, probes_FT, mask_FT, *, alpha: float) -> tuple[jax.Array, jax.Array]:
+  """(reward [K], accuracy [K]) of trained copies against the base model on tau."""
+  base_acc, _ = probe_scores(graphdef, params, probes_FT, mask_FT)
+  acc = jax.vmap(lambda ad: probe_scores(graphdef, lora_lib.apply(params, ad, alpha=alpha), probes_FT, mask_FT)[0])(
+      adapters)
+  return (acc > base_acc).astype(jnp.float32), acc
+
+
+def rest_em_loss(graphdef, params, gen_adapter, prompt_T, dreams_MN, weights_M, *, alpha: float):
+  """ReST-EM's M-step objective: -log p(dream | passage QUERY) on rewarded dreams only."""
+  seq = jnp.concatenate([jnp.broadcast_to(prompt_T[:-1], (dreams_MN.shape[0], prompt_T.shape[0] - 1)), dreams_MN], 1)
+  P = prompt_T.shape[0]
+  mask = (jnp.arange(seq.shape[1]) >= P)[None].astype(jnp.float32) * weights_M[:, None]
+  return sft_loss(graphdef, lora_lib.apply(params, gen_adapter, alpha=alpha), seq, mask)

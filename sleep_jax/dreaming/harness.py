@@ -1,0 +1,169 @@
+"""The continual-learning harness: days of new facts, one model trajectory per method.
+
+Every day the method reads the day's passage (it is then evicted: no method sees it at
+probe time) and updates its weights; then closed-book probes ask for every day's facts and
+for the old facts. Methods:
+
+  base      no update
+  finetune  full-parameter SFT on the passage text itself (finetune_lr)
+  dream     m dreams, no selection, no RL, written into a new slow-level CMS expert
+  sleep     `rounds` of dream -> select (top-k + b random by gradient norm) -> isolated LoRA
+            copies (vmapped) -> reward -> ReST-EM on the generator's LoRA; then a last
+            dream/select/reward pass and the rewarded dreams are written into a new
+            slow-level expert (expansion: every other weight stays bit-identical)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sleep_jax.config import Config
+from sleep_jax.data.days import DayWorld
+from sleep_jax.dreaming import dreams as D
+from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.seeding import expand, steps as seed_steps
+
+METHODS = ("base", "finetune", "dream", "sleep")
+
+
+def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, *, lr: float, steps: int):
+  """`steps` Adam steps of full-batch SFT as one lax.scan (one compile for every day). Only
+  leaves with trainable = 1 move: their gradients are masked before Adam, so the others get
+  exactly zero updates and stay bit-identical."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+  def body(carry, _):
+    p, opt = carry
+    g = jax.grad(D.sft_loss, argnums=1)(graphdef, p, tokens_BT, mask_BT)
+    g = jax.tree.map(lambda x, t: x * t, g, trainable)
+    upd, opt = tx.update(g, opt, p)
+    upd = jax.tree.map(lambda u, t: jnp.where(t > 0, u, 0.0), upd, trainable)
+    return (optax.apply_updates(p, upd), opt), None
+
+  (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  return params
+
+
+class Dreamer:
+  """Jitted pieces for one model config (compiled once, shared by every method and day)."""
+
+  def __init__(self, cfg: Config, graphdef, world: DayWorld):
+    self.cfg, self.graphdef, self.world = cfg, graphdef, world
+    dc = cfg.dreaming
+    self.alpha = dc.lora_alpha
+    self.attr_mask = jnp.asarray(world.attr_mask(world.qa_per_example))
+    self.sample = jax.jit(functools.partial(D.sample_dreams, graphdef, cfg=cfg, m=dc.dreams, length=world.dream_len,
+                                            temperature=dc.dream_temperature, novelty=dc.novelty_expert))
+    self.importance = jax.jit(functools.partial(D.importance, graphdef))
+    copy = functools.partial(D.train_copy, graphdef, steps=dc.copy_steps, lr=dc.copy_lr, alpha=self.alpha)
+    self.copy_one = jax.jit(copy)
+    self.copies = jax.jit(jax.vmap(copy, in_axes=(None, 0, 0, 0)))
+    self.rewards = jax.jit(functools.partial(D.copy_rewards, graphdef, alpha=self.alpha))
+    self.probe = jax.jit(functools.partial(D.probe_scores, graphdef))
+    rest_tx = optax.adam(dc.rest_lr)
+    self.rest_tx = rest_tx
+
+    def rest_step(params, gen, opt, prompt, dreams, weights):
+      g = jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, dreams, weights, alpha=self.alpha))(gen)
+      upd, opt = rest_tx.update(g, opt, gen)
+      return optax.apply_updates(gen, upd), opt
+
+    self.rest_step = jax.jit(rest_step)
+    self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps))
+    self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps))
+
+  # -- one day of each method -------------------------------------------------------------
+  def dream(self, params, gen, day: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(closed-book tokens [m, T], masks [m, T], importance [m]) of m fresh dreams."""
+    writer = params if gen is None else lora_lib.apply(params, gen, alpha=self.alpha)
+    dreams = self.sample(writer, jnp.asarray(self.world.dream_prompt(day)), rng)
+    tokens, mask = D.closed_book(dreams, self.attr_mask)
+    return tokens, mask, self.importance(params, tokens, mask)
+
+  def isolated_copies(self, params, tokens, mask, rng):
+    adapters = jax.vmap(lambda k: lora_lib.init(params, k, self.cfg.dreaming.lora_rank))(
+        jax.random.split(rng, tokens.shape[0]))
+    return self.copies(params, adapters, tokens, mask)
+
+  def sleep_round(self, params, gen, opt, day: int, rng, np_rng, *, rest: bool):
+    dc = self.cfg.dreaming
+    k_dream, k_copy = jax.random.split(rng)
+    tokens, mask, scores = self.dream(params, gen, day, k_dream)
+    keep = D.select(np.asarray(scores), dc.top_k, dc.random_extra, np_rng)
+    probes, pmask = (jnp.asarray(a) for a in self.world.probes(self.world.day_pairs(day)))
+    adapters = self.isolated_copies(params, tokens[keep], mask[keep], k_copy)
+    reward, _ = self.rewards(params, adapters, probes, pmask)
+    weights = jnp.zeros(tokens.shape[0]).at[keep].set(reward)
+    if rest and float(weights.sum()) > 0:
+      prompt = jnp.asarray(self.world.dream_prompt(day))
+      for _ in range(dc.rest_steps):
+        gen, opt = self.rest_step(params, gen, opt, prompt, tokens[:, 1:], weights)
+    return gen, opt, tokens, mask, weights
+
+  def write_expert(self, params, tokens, mask, weights):
+    """Write dreams into a newly activated slow-level expert (only it trains)."""
+    slow = len(params["blocks"]["levels"]) - 1
+    slot = expand.next_free_slot(jax.device_get(params), slow)
+    params = expand.set_expert(params, slow, slot, active=True)
+    labels = seed_steps.train_labels(params, level=slow, slot=slot)
+    trainable = jax.tree.map(lambda lab: jnp.float32(lab == "train"), labels)
+    return self.sft_expert(params, tokens, mask * weights[:, None].astype(mask.dtype), trainable)
+
+  def finetune(self, params, day: int):
+    passage = jnp.asarray(self.world.day_passage(day))[None]
+    mask = jnp.ones_like(passage).at[:, 0].set(0)
+    return self.sft_all(params, passage, mask, jax.tree.map(lambda _: jnp.float32(1), params))
+
+  def accuracy(self, params, pairs) -> float:
+    probes, pmask = self.world.probes(pairs)
+    return float(self.probe(params, jnp.asarray(probes), jnp.asarray(pmask))[0])
+
+
+def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int):
+  """One day of `method`: returns (params, gen, opt, info)."""
+  dc = dreamer.cfg.dreaming
+  rng = jax.random.fold_in(jax.random.key(seed), day)
+  np_rng = np.random.default_rng([seed, day, 23])
+  info: dict = {}
+  if method == "finetune":
+    params = dreamer.finetune(params, day)
+  elif method == "dream":
+    tokens, mask, _ = dreamer.dream(params, None, day, rng)
+    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]))
+  elif method == "sleep":
+    rewarded = []
+    for r in range(dc.rounds + 1):  # the last pass only collects the dreams to write
+      gen, opt, tokens, mask, weights = dreamer.sleep_round(params, gen, opt, day, jax.random.fold_in(rng, r), np_rng,
+                                                            rest=r < dc.rounds)
+      rewarded.append(float(weights.sum()))
+    info["rewarded_dreams"] = rewarded
+    params = dreamer.write_expert(params, tokens, mask, weights)
+  return params, gen, opt, info
+
+
+def vmap_speedup(dreamer: Dreamer, params, day: int, seed: int) -> dict:
+  """Wall time of the isolated copies: vmapped vs a sequential loop over the same dreams."""
+  tokens, mask, _ = dreamer.dream(params, None, day, jax.random.key(seed))
+  keep = np.arange(min(tokens.shape[0], dreamer.cfg.dreaming.top_k + dreamer.cfg.dreaming.random_extra))
+  t, m = tokens[keep], mask[keep]
+  adapters = jax.vmap(lambda k: lora_lib.init(params, k, dreamer.cfg.dreaming.lora_rank))(
+      jax.random.split(jax.random.key(seed), len(keep)))
+  one = lambda i: jax.tree.map(lambda a: a[i], adapters)
+  jax.block_until_ready(dreamer.copies(params, adapters, t, m))  # compile both first
+  jax.block_until_ready(dreamer.copy_one(params, one(0), t[0], m[0]))
+  t0 = time.perf_counter()
+  vm = jax.block_until_ready(dreamer.copies(params, adapters, t, m))
+  t1 = time.perf_counter()
+  seq = [jax.block_until_ready(dreamer.copy_one(params, one(i), t[i], m[i])) for i in range(len(keep))]
+  t2 = time.perf_counter()
+  diff = max(float(jnp.max(jnp.abs(a - b))) for i, s in enumerate(seq)
+             for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], vm)), jax.tree.leaves(s)))
+  return {"copies": len(keep), "vmapped_s": t1 - t0, "sequential_s": t2 - t1, "speedup": (t2 - t1) / (t1 - t0),
+          "max_abs_diff": diff}

@@ -1,0 +1,50 @@
+"""results.json, a markdown table and a per-day plot for the continual-learning methods."""
+
+from __future__ import annotations
+
+import json
+import os
+
+COLUMNS = ("method", "new_accuracy", "old_accuracy", "backward_transfer", "forgetting", "wall_s")
+
+
+def markdown(rows: list[dict], speed: dict | None = None) -> str:
+  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+  if speed:
+    lines += ["", f"Isolated copies: vmapped {speed['speedup']:.2f}x faster than a sequential loop "
+                  f"({speed['copies']} copies; {speed['vmapped_s']:.3f} s vs {speed['sequential_s']:.3f} s)."]
+  return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+  for r in rows:
+    days = range(1, len(r["per_day_new"]) + 1)
+    a.plot(days, r["per_day_new"], marker="o", label=r["method"])
+    b.plot(days, r["per_day_old"], marker="o", label=r["method"])
+  a.set_title("new facts (that day's)")
+  b.set_title("old facts (pre-training)")
+  for ax in (a, b):
+    ax.set_xlabel("day")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(list(range(1, len(rows[0]["per_day_new"]) + 1)))
+  a.set_ylabel("closed-book exact match")
+  b.legend(fontsize=8, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(run_dir: str, rows: list[dict], speed: dict | None = None) -> None:
+  with open(os.path.join(run_dir, "results.json"), "w") as f:
+    json.dump({"rows": rows, "vmap_speedup": speed}, f, indent=2)
+  with open(os.path.join(run_dir, "results.md"), "w") as f:
+    f.write(markdown(rows, speed))
+  plot(rows, os.path.join(run_dir, "results.png"))

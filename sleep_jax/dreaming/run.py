@@ -1,0 +1,131 @@
+"""`sleep-jax dream CONFIG`: pre-train the base model, then every method lives through the days.
+
+RUN_DIR/
+  base/                    pre-training stage (closed-book old facts + reading)
+  vmap_speedup.json        isolated copies: vmapped vs a sequential loop, same dreams
+  methods/<m>/day<d>.json  accuracy on every day's facts and on the old facts after day d
+  methods/<m>/checkpoints  params, generator adapter and its optimizer after each day
+  results.json / .md / .png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sleep_jax import distributed
+from sleep_jax import sharding as shd
+from sleep_jax.checkpoint import Checkpointer
+from sleep_jax.config import Config, ConfigError
+from sleep_jax.data.days import DayWorld
+from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.dreaming import report
+from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
+from sleep_jax.loop import check_saved_config, write_config
+from sleep_jax.seeding.pipeline import to_global
+from sleep_jax.seeding.stage import run_stage
+from sleep_jax.train import Trainer
+
+log = logging.getLogger("sleep_jax")
+
+
+def _check(cfg: Config) -> DayWorld:
+  if cfg.model.kind != "cms":
+    raise ConfigError("bad value for config key 'model.kind': dreaming needs 'cms'")
+  for m in cfg.dreaming.methods:
+    if m not in METHODS:
+      raise ConfigError(f"bad value for config key 'dreaming.methods': unknown method {m!r} (known: {', '.join(METHODS)})")
+  try:
+    world = DayWorld.from_options(cfg.dreaming.world)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad value for config key 'dreaming.world': {e}") from None
+  if world.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the world's "
+                      f"vocabulary {world.vocab_size}")
+  dc = cfg.dreaming
+  if dc.top_k + dc.random_extra > dc.dreams or dc.top_k < 1:
+    raise ConfigError("bad value for config key 'dreaming.top_k': need 1 <= top_k and top_k + random_extra <= dreams")
+  return world
+
+
+def pretrain(cfg: Config, world: DayWorld, trainer: Trainer):
+  B = cfg.train.batch_size
+  batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(cfg.seed, i, B))), trainer.mesh)
+  state = run_stage(os.path.join(cfg.run_dir, "base"), abstract_state=trainer.abstract_state, init=trainer.init_state,
+                    step=lambda s, i: trainer.train_step(s, batch(i)), steps=cfg.train.steps,
+                    every=cfg.checkpoint.every, log_every=cfg.train.log_every, desc="base: old facts + reading")
+  return state["params"]
+
+
+def summarize(R: np.ndarray, old: float) -> dict:
+  """R[t, d]: accuracy on day d's facts after day t (continual-learning metrics)."""
+  D = len(R)
+  prev = range(D - 1)
+  return {
+      "new_accuracy": float(np.mean([R[d, d] for d in range(D)])),
+      "old_accuracy": old,
+      "backward_transfer": float(np.mean([R[-1, d] - R[d, d] for d in prev])) if D > 1 else 0.0,
+      "forgetting": float(np.mean([R[d:D - 1, d].max() - R[-1, d] for d in prev])) if D > 1 else 0.0,
+  }
+
+
+def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base_params) -> dict:
+  mdir = os.path.join(cfg.run_dir, "methods", method)
+  os.makedirs(mdir, exist_ok=True)
+  init = {"params": base_params, "gen": lora_lib.init(base_params, jax.random.key(cfg.seed + 9), cfg.dreaming.lora_rank)}
+  init["opt"] = dreamer.rest_tx.init(init["gen"])
+  ck = Checkpointer(mdir, keep=1, async_save=False)
+  restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))
+  done, state = (0, init) if restored is None else (restored[0], restored[1])
+  for day in range(done, world.days):
+    t0 = time.perf_counter()
+    params, gen, opt, info = run_day(dreamer, method, state["params"], state["gen"], state["opt"], day, cfg.seed)
+    state = {"params": params, "gen": gen, "opt": opt}
+    row = {"day": day, "wall_s": time.perf_counter() - t0, **info,
+           "day_accuracy": [dreamer.accuracy(params, world.day_pairs(d)) for d in range(world.days)],
+           "old_accuracy": dreamer.accuracy(params, world.old_pairs())}
+    log.info("%s day %d: new %.3f old %.3f %s", method, day, row["day_accuracy"][day], row["old_accuracy"], info)
+    if jax.process_index() == 0:
+      with open(os.path.join(mdir, f"day{day}.json"), "w") as f:
+        json.dump(row, f)
+    ck.save(day + 1, state, {"day": day + 1}, wait=True)
+  ck.close()
+  rows = []
+  for d in range(world.days):
+    with open(os.path.join(mdir, f"day{d}.json")) as f:
+      rows.append(json.load(f))
+  R = np.array([r["day_accuracy"] for r in rows])
+  return {"method": method, **summarize(R, rows[-1]["old_accuracy"]), "wall_s": sum(r["wall_s"] for r in rows),
+          "per_day_new": [float(R[d, d]) for d in range(world.days)], "per_day_old": [r["old_accuracy"] for r in rows]}
+
+
+def run_dream(cfg: Config) -> tuple[list[dict], dict]:
+  world = _check(cfg)
+  distributed.maybe_initialize(cfg.distributed)
+  check_saved_config(cfg)
+  write_config(cfg)
+  trainer = Trainer(cfg, mesh=shd.make_mesh(cfg.mesh))
+  base_params = pretrain(cfg, world, trainer)
+  dreamer = Dreamer(cfg, trainer.graphdef, world)
+  speed_path = os.path.join(cfg.run_dir, "vmap_speedup.json")
+  if os.path.exists(speed_path):
+    with open(speed_path) as f:
+      speed = json.load(f)
+  else:
+    speed = vmap_speedup(dreamer, base_params, 0, cfg.seed)
+    if jax.process_index() == 0:
+      with open(speed_path, "w") as f:
+        json.dump(speed, f, indent=2)
+  log.info("isolated copies: vmapped %.2fx faster than a sequential loop (%d copies, max |diff| %.1e)",
+           speed["speedup"], speed["copies"], speed["max_abs_diff"])
+  rows = [run_method(cfg, world, dreamer, m, base_params) for m in cfg.dreaming.methods]
+  rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+  if jax.process_index() == 0:
+    report.write(cfg.run_dir, rows, speed)
+  return rows, speed

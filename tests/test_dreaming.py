@@ -1,0 +1,156 @@
+"""Dreaming (paper B): isolated copies, selection, ReST-EM, LoRA, the continual-learning world."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, subprocess_env
+from sleep_jax import sharding as shd
+from sleep_jax.config import load_config
+from sleep_jax.data.days import DayWorld
+from sleep_jax.data.facts import QUERY, SEP
+from sleep_jax.dreaming import dreams as D
+from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.dreaming.harness import sft_loop
+from sleep_jax.models import model_factory
+from sleep_jax.seeding import expand
+
+DREAM_TINY = os.path.join(REPO, "experiments", "dream_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = load_config(DREAM_TINY)
+  make = model_factory(cfg)
+  graphdef = shd.abstract_model(make)[0]
+  return cfg, graphdef, nnx.to_pure_dict(nnx.split(make(nnx.Rngs(0)))[1]), DayWorld.from_options(cfg.dreaming.world)
+
+
+def _dream_batch(world, n, seed=0):
+  rng = np.random.default_rng(seed)
+  pairs = np.stack([rng.integers(0, world.n_old + world.n_pool, (n, world.qa_per_example)),
+                    rng.integers(0, world.n_relations, (n, world.qa_per_example))], -1)
+  qa = np.stack([world.qa(p, world.facts.table[p[:, 0], p[:, 1]]).reshape(-1) for p in pairs])
+  return D.closed_book(jnp.asarray(qa), jnp.asarray(world.attr_mask(world.qa_per_example)))
+
+
+def test_vmapped_copies_equal_training_each_copy_alone(model):
+  cfg, graphdef, params, world = model
+  tokens, mask = _dream_batch(world, 3)
+  adapters = jax.vmap(lambda k: lora_lib.init(params, k, 4))(jax.random.split(jax.random.key(1), 3))
+  kw = dict(steps=4, lr=1e-2, alpha=8.0)
+  together = jax.jit(jax.vmap(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw)))(adapters, tokens, mask)
+  for i in range(3):
+    alone = D.train_copy(graphdef, params, jax.tree.map(lambda a: a[i], adapters), tokens[i], mask[i], **kw)
+    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda a: a[i], together)), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+  # The copies really trained (B left 0) and differ from each other.
+  b = [np.asarray(v["b"]) for v in together.values()]
+  assert all(np.abs(x).max() > 0 for x in b) and not np.allclose(b[0][0], b[0][1])
+
+
+def test_selection_is_top_k_plus_b_random_deterministic():
+  scores = np.array([0.1, 5.0, 0.3, 4.0, 0.2, 3.0, 0.05, 0.4])
+  a = D.select(scores, 3, 2, np.random.default_rng(7))
+  assert a.tolist() == D.select(scores, 3, 2, np.random.default_rng(7)).tolist()
+  assert {1, 3, 5} <= set(a.tolist()) and len(a) == 5 and len(set(a.tolist())) == 5
+  others = [tuple(D.select(scores, 3, 2, np.random.default_rng(s)).tolist()) for s in range(20)]
+  assert len(set(others)) > 1  # the b extras are random
+  assert D.select(scores, 8, 3, np.random.default_rng(0)).tolist() == list(range(8))
+
+
+def test_rest_em_update_uses_only_rewarded_dreams(model):
+  cfg, graphdef, params, world = model
+  prompt = jnp.asarray(world.dream_prompt(0))
+  tokens, _ = _dream_batch(world, 4)
+  dreams = tokens[:, 1:]  # QUERY ...
+  gen = lora_lib.init(params, jax.random.key(2), 4)
+  gen = jax.tree.map(lambda a: a + 0.01, gen)  # B != 0 so both factors get gradients
+  weights = jnp.array([1.0, 0.0, 1.0, 0.0])
+  grad = lambda d: jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, d, weights, alpha=8.0))(gen)
+  scrambled = dreams.at[1].set(dreams[0]).at[3].set(jnp.flip(dreams[3]))  # change only unrewarded rows
+  for x, y in zip(jax.tree.leaves(grad(dreams)), jax.tree.leaves(grad(scrambled))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-7)
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(grad(dreams)))
+
+
+def test_lora_apply_matches_manual_merge(model):
+  _, _, params, _ = model
+  ad = lora_lib.init(params, jax.random.key(0), 4)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(lora_lib.apply(params, ad, alpha=8.0))))
+  key = "['attn']['wq']"
+  ad[key]["b"] = jnp.ones_like(ad[key]["b"])
+  w = params["blocks"]["attn"]["wq"]
+  expected = w + 2.0 * jnp.einsum("lir,lro->lio", ad[key]["a"], ad[key]["b"]).reshape(w.shape)
+  np.testing.assert_allclose(np.asarray(lora_lib.apply(params, ad, alpha=8.0)["blocks"]["attn"]["wq"]),
+                             np.asarray(expected), rtol=1e-6)
+
+
+def test_novelty_expert_only_matters_once_it_holds_something(model):
+  cfg, graphdef, params, world = model
+  tokens, _ = _dream_batch(world, 2)
+  f = lambda p: nnx.merge(graphdef, p)(tokens)
+  forced = D.force_experts(params, jnp.array([1, 2]))
+  np.testing.assert_array_equal(np.asarray(f(forced)), np.asarray(f(params)))  # slots still at B = 0
+  filled = jax.tree.map(lambda x: x, params)
+  filled["blocks"]["levels"][1]["experts"][2]["b"] = jnp.ones_like(filled["blocks"]["levels"][1]["experts"][2]["b"])
+  assert float(jnp.abs(f(D.force_experts(filled, jnp.array([1, 2]))) - f(filled)).max()) > 1e-3
+
+
+def test_sft_loop_moves_only_trainable_leaves(model):
+  cfg, graphdef, params, world = model
+  tokens, mask = _dream_batch(world, 2)
+  p = expand.set_expert(params, 1, 0, active=True)
+  trainable = jax.tree_util.tree_map_with_path(lambda path, _: jnp.float32(
+      "['levels'][1]['experts'][0]" in jax.tree_util.keystr(path) and "active" not in jax.tree_util.keystr(path)), p)
+  out = sft_loop(graphdef, p, tokens, mask, trainable, lr=1e-2, steps=3)
+  for (path, a), b, t in zip(jax.tree_util.tree_flatten_with_path(p)[0], jax.tree.leaves(out), jax.tree.leaves(trainable)):
+    if float(t) == 0:
+      assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+  assert not np.array_equal(np.asarray(p["blocks"]["levels"][1]["experts"][0]["b"]),
+                            np.asarray(out["blocks"]["levels"][1]["experts"][0]["b"]))
+
+
+def test_probes_are_answerable_from_their_passages():
+  world = DayWorld(days=3, per_day=6)
+  f = world.facts
+  for day in range(world.days):
+    passage = world.day_passage(day)[1:].reshape(-1, 2 + world.attr_len + 1)
+    assert np.all(passage[:, -1] == SEP)
+    stated = {(int(r[0]), int(r[1])): tuple(r[2:-1]) for r in passage}
+    probes, mask = world.probes(world.day_pairs(day))
+    assert len(probes) == world.per_day * world.n_relations
+    for row, m in zip(probes, mask):  # BOS QUERY e r a..: the answer is written in the passage
+      assert row[1] == QUERY and stated[(int(row[2]), int(row[3]))] == tuple(row[m == 1])
+  days = [set(world.day_entities(d).tolist()) for d in range(world.days)]
+  assert all(not (a & b) for i, a in enumerate(days) for b in days[i + 1:])
+  assert all(min(d) >= world.n_old for d in days)  # new facts never were old facts
+  tokens, mask = world.pretrain_batch(0, 0, 4)
+  assert tokens.max() < world.vocab_size and mask.sum() > 0 and tokens.shape == (4, world.passage_len + world.dream_len)
+
+
+@pytest.mark.slow
+def test_dream_cli_runs_resumes_and_rejects_bad_methods(tmp_path):
+  run = tmp_path / "dream"
+  cmd = [sys.executable, "-m", "sleep_jax.cli", "dream", DREAM_TINY, f"run_dir={run}", "train.steps=10",
+         "dreaming.write_steps=3", "mesh.data=2"]
+  out = subprocess.run(cmd, env=subprocess_env(2), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads((run / "results.json").read_text())
+  assert [r["method"] for r in res["rows"]] == ["base", "finetune", "dream", "sleep"]
+  assert res["vmap_speedup"]["max_abs_diff"] < 1e-4 and res["vmap_speedup"]["speedup"] > 0
+  base = res["rows"][0]
+  assert base["backward_transfer"] == 0.0 and base["forgetting"] == 0.0  # no update, nothing moves
+  assert (run / "results.png").exists() and (run / "methods/sleep/day1.json").exists()
+  again = subprocess.run(cmd, env=subprocess_env(2), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and json.loads((run / "results.json").read_text())["rows"] == res["rows"]
+  bad = subprocess.run(cmd + ["dreaming.methods=[base,nap]"], env=subprocess_env(2), cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode == 2 and "unknown method 'nap'" in bad.stderr and "Traceback" not in bad.stderr
