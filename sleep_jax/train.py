@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config

@@ -2,7 +2,11 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Fake devices are threads of one process: on a loaded 2-core machine one of them can reach a
+# collective long after the others, past XLA's default 40 s "stuck" limit (which aborts).
+SLOW_COLLECTIVES = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + SLOW_COLLECTIVES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -31,6 +35,6 @@ def tiny_overrides(data_dir, tmp_path):
 
 def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}"
   env["JAX_PLATFORMS"] = "cpu"
   return env

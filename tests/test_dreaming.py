@@ -30,7 +30,7 @@ def model():
   cfg = load_config(DREAM_TINY)
   make = model_factory(cfg)
   graphdef = shd.abstract_model(make)[0]
-  return cfg, graphdef, nnx.to_pure_dict(nnx.split(make(nnx.Rngs(0)))[1]), DayWorld.from_options(cfg.dreaming.world)
+  return cfg, graphdef, nnx.to_pure_dict(nnx.split(make(nnx.Rngs(0)))[1]), DayWorld(**cfg.dreaming.world)
 
 
 def _dream_batch(world, n, seed=0):
@@ -120,7 +120,6 @@ def test_sft_loop_moves_only_trainable_leaves(model):
 
 def test_probes_are_answerable_from_their_passages():
   world = DayWorld(days=3, per_day=6)
-  f = world.facts
   for day in range(world.days):
     passage = world.day_passage(day)[1:].reshape(-1, 2 + world.attr_len + 1)
     assert np.all(passage[:, -1] == SEP)

@@ -40,14 +40,6 @@ class DayWorld:
     if self.days * self.per_day > self.n_pool or min(self.per_day, self.days, self.qa_per_example) < 1:
       raise ValueError("need days, per_day, qa_per_example >= 1 and days * per_day <= n_pool")
 
-  @classmethod
-  def from_options(cls, options: dict) -> "DayWorld":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-      raise ValueError(f"unknown world option '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    return cls(**options)
-
   @property
   def facts(self) -> FactWorld:
     return FactWorld(n_entities=self.n_old + self.n_pool, n_old=self.n_old, n_relations=self.n_relations,
@@ -121,7 +113,7 @@ class DayWorld:
     q = self.qa_per_example
     old = self.old_pairs()
     for b in range(batch_size):
-      if b % 2 == 0:  # closed-book QA on old facts, packed
+      if b % 4 == 0:  # closed-book QA on old facts, packed (learnt fast: a quarter of the rows)
         pairs = old[rng.integers(0, len(old), q)]
         seq = np.concatenate([[BOS], self.qa(pairs, self.facts.table[pairs[:, 0], pairs[:, 1]]).reshape(-1)])
         tokens[b, :len(seq)] = seq

@@ -22,6 +22,25 @@ FIRST = 4  # first entity token
 PROMPT_LEN = 3  # BOS ent rel
 
 
+def world_from_config(cls, options: dict, key: str, vocab_size: int):
+  """A world dataclass from config options, fitting a model vocabulary of `vocab_size`;
+  ConfigError (one line naming `key` or model.vocab_size) otherwise."""
+  from sleep_jax.config import ConfigError
+
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ConfigError(f"bad value for config key '{key}': unknown option '{unknown[0]}' (known: {', '.join(sorted(known))})")
+  try:
+    world = cls(**options)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad value for config key '{key}': {e}") from None
+  if world.vocab_size > vocab_size:
+    raise ConfigError(f"bad value for config key 'model.vocab_size': {vocab_size} < the vocabulary of {key} "
+                      f"({world.vocab_size})")
+  return world
+
+
 @dataclasses.dataclass(frozen=True)
 class FactWorld:
   n_entities: int = 96  # entities [0, n_old) are "old" knowledge, the rest are new
@@ -34,14 +53,6 @@ class FactWorld:
   def __post_init__(self):
     if not 0 < self.n_old <= self.n_entities or self.n_relations < 1 or self.attr_len < 1 or self.n_symbols < 2:
       raise ValueError(f"bad FactWorld options: {self}")
-
-  @classmethod
-  def from_options(cls, options: dict) -> "FactWorld":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-      raise ValueError(f"unknown facts option '{unknown[0]}' (known: {', '.join(sorted(known))})")
-    return cls(**options)
 
   # -- vocabulary ----------------------------------------------------------------------------
   @property

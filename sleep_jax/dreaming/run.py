@@ -16,7 +16,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import distributed
@@ -24,6 +23,7 @@ from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
 from sleep_jax.data.days import DayWorld
+from sleep_jax.data.facts import world_from_config
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.dreaming import report
 from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
@@ -41,13 +41,7 @@ def _check(cfg: Config) -> DayWorld:
   for m in cfg.dreaming.methods:
     if m not in METHODS:
       raise ConfigError(f"bad value for config key 'dreaming.methods': unknown method {m!r} (known: {', '.join(METHODS)})")
-  try:
-    world = DayWorld.from_options(cfg.dreaming.world)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"bad value for config key 'dreaming.world': {e}") from None
-  if world.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the world's "
-                      f"vocabulary {world.vocab_size}")
+  world = world_from_config(DayWorld, cfg.dreaming.world, "dreaming.world", cfg.model.vocab_size)
   dc = cfg.dreaming
   if dc.top_k + dc.random_extra > dc.dreams or dc.top_k < 1:
     raise ConfigError("bad value for config key 'dreaming.top_k': need 1 <= top_k and top_k + random_extra <= dreams")

@@ -112,7 +112,7 @@ def run_unit(unit, entry: list[str], extra: dict[str, str], n: int, devices: int
              + (f"stopped the other {n - 1}; " if n > 1 else "")
              + f"its log {logs[index]} ends:\n{_tail(logs[index])}"
              + ("" if will_retry or not retriable else
-                f"\nlaunch: run the same launch again (or pass --retries) to resume from the latest checkpoint"))
+                "\nlaunch: run the same launch again (or pass --retries) to resume from the latest checkpoint"))
     if not will_retry:
       return 128 - rc if rc < 0 else rc
   return 1  # not reached

@@ -143,7 +143,7 @@ def expand_student(cfg: Config, t: ModelOnMesh, s: ModelOnMesh, teacher_params) 
 
 
 def _probe_tokens(cfg: Config) -> np.ndarray:
-  world = FactWorld.from_options(cfg.seeding.facts)
+  world = FactWorld(**cfg.seeding.facts)
   return world.statements(world.facts("all"))[0][:, :-1]
 
 

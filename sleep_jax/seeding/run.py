@@ -15,11 +15,11 @@ from sleep_jax import distributed
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
-from sleep_jax.data.facts import FactWorld
+from sleep_jax.data.facts import FactWorld, world_from_config
 from sleep_jax.loop import check_saved_config, write_config
 from sleep_jax.seeding import expand, report, steps
 from sleep_jax.seeding.methods import check_methods, method_spec
-from sleep_jax.seeding.pipeline import (FAST, ModelOnMesh, divergence_to_teacher, expand_student, scores,
+from sleep_jax.seeding.pipeline import (ModelOnMesh, divergence_to_teacher, expand_student, scores,
                                         teacher_samples, to_global, train_teacher)
 from sleep_jax.seeding.stage import run_stage
 
@@ -84,13 +84,7 @@ def run_seed(cfg: Config) -> list[dict]:
   if cfg.model.kind != "cms":
     raise ConfigError("bad value for config key 'model.kind': knowledge seeding needs 'cms'")
   check_methods(cfg.seeding)
-  try:
-    world = FactWorld.from_options(cfg.seeding.facts)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"bad value for config key 'seeding.facts': {e}") from None
-  if world.vocab_size > cfg.model.vocab_size:
-    raise ConfigError(f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the facts' "
-                      f"vocabulary {world.vocab_size}")
+  world = world_from_config(FactWorld, cfg.seeding.facts, "seeding.facts", cfg.model.vocab_size)
   distributed.maybe_initialize(cfg.distributed)
   check_saved_config(cfg)
   write_config(cfg)
