@@ -168,7 +168,8 @@ class DreamingConfig:
   rest_steps: int = 20  # generator fine-tuning steps per round, on rewarded dreams
   rest_lr: float = 3.0e-3
   write_steps: int = 100  # steps of the day's knowledge write (finetune, dream, sleep)
-  write_lr: float = 1.0e-2
+  write_lr: float = 3.0e-3
+  replay: int = 16  # closed-book texts the model writes unprompted, rehearsed during a write (0: off)
   finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from sleep_jax.config import Config
+from sleep_jax.data.facts import BOS, QUERY
 from sleep_jax.data.days import DayWorld
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
@@ -76,6 +77,10 @@ class Dreamer:
       return optax.apply_updates(gen, upd), opt
 
     self.rest_step = jax.jit(rest_step)
+    start = jnp.asarray([BOS, QUERY], jnp.int32)  # closed-book mode: what the model knows unprompted
+    self.replay = jax.jit(lambda p, rng: D.sample_dreams(
+        graphdef, p, start, rng, cfg=cfg, m=max(dc.replay, 1), length=world.dream_len, temperature=1.0,
+        novelty=False))
     self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps))
     self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps))
 
@@ -107,8 +112,14 @@ class Dreamer:
         gen, opt = self.rest_step(params, gen, opt, prompt, tokens[:, 1:], weights)
     return gen, opt, tokens, mask, weights
 
-  def write_expert(self, params, tokens, mask, weights):
-    """Write dreams into a newly activated slow-level expert (only it trains)."""
+  def write_expert(self, params, tokens, mask, weights, rng):
+    """Write dreams into a newly activated slow-level expert (only it trains), rehearsing
+    `dreaming.replay` closed-book texts the model writes from nothing before the write
+    (generative replay: what it already knows stays the target elsewhere)."""
+    if self.cfg.dreaming.replay:
+      replay, rmask = D.closed_book(self.replay(params, rng), self.attr_mask)
+      tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
+      weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
     slow = len(params["blocks"]["levels"]) - 1
     slot = expand.next_free_slot(jax.device_get(params), slow)
     params = expand.set_expert(params, slow, slot, active=True)
@@ -136,7 +147,7 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
     params = dreamer.finetune(params, day)
   elif method == "dream":
     tokens, mask, _ = dreamer.dream(params, None, day, rng)
-    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]))
+    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), jax.random.fold_in(rng, 99))
   elif method == "sleep":
     rewarded = []
     for r in range(dc.rounds + 1):  # the last pass only collects the dreams to write
@@ -144,7 +155,7 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
                                                             rest=r < dc.rounds)
       rewarded.append(float(weights.sum()))
     info["rewarded_dreams"] = rewarded
-    params = dreamer.write_expert(params, tokens, mask, weights)
+    params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99))
   return params, gen, opt, info
 
 
