@@ -145,7 +145,7 @@ def test_ks_step_trains_only_the_new_expert():
   state = make(sp)
   before = jax.device_get(state["params"])
   fn = jax.jit(lambda st, tp, rp, b: steps.ks_step(s.graphdef, t.graphdef, tx, cfg, scfg, {"lam": 0.5, "alpha": 0.5},
-                                                   st, tp, rp, b))
+                                                   st, tp, rp, b, gather=s.rep))
   toks = np.random.default_rng(0).integers(4, 40, (8, 6)).astype(np.int32)
   batch = {"tokens": jnp.asarray(toks), "loss_mask": jnp.asarray(np.tile([0, 0, 0, 1, 1, 1], (8, 1)))}
   for _ in range(2):  # step 0 has lr 0 (warm-up)

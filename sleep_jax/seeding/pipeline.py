@@ -75,7 +75,8 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 def greedy_answers(m: ModelOnMesh, params, prompts: np.ndarray, steps_: int) -> np.ndarray:
   if steps_ not in m.samplers:  # one compiled greedy sampler per model and answer length
     m.samplers[steps_] = jax.jit(lambda p, x: sample_tokens(m.graphdef, p, x, jax.random.key(0), m.cfg, steps=steps_))
-  return np.asarray(m.samplers[steps_](params, jnp.asarray(prompts)))
+  # Replicated weights: no collective inside the decoding loop (see steps.ks_step).
+  return np.asarray(m.samplers[steps_](jax.device_put(params, m.rep), jnp.asarray(prompts)))
 
 
 def accuracy(m: ModelOnMesh, params, world: FactWorld, which: str) -> float:
@@ -158,7 +159,7 @@ def teacher_samples(cfg: Config, world: FactWorld, t: ModelOnMesh, teacher_param
   prompts = world.prompts(facts[np.random.default_rng([cfg.seed, 5]).integers(0, len(facts), sc.samples)])
   fn = jax.jit(lambda p, x: sample_tokens(t.graphdef, p, x, jax.random.key(cfg.seed + 5), cfg, steps=world.attr_len,
                                           temperature=sc.sample_temperature))
-  tokens = np.asarray(fn(teacher_params, jnp.asarray(prompts))).astype(np.int32)
+  tokens = np.asarray(fn(jax.device_put(teacher_params, t.rep), jnp.asarray(prompts))).astype(np.int32)
   mask = np.zeros_like(tokens)
   mask[:, PROMPT_LEN:] = 1
   if jax.process_index() == 0:

@@ -61,7 +61,8 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
     call = lambda state, batch: fn(state, batch)
   else:
     hp = {"lam": spec["lam"], "alpha": spec["alpha"]}
-    fn = steps.jit_step(functools.partial(steps.ks_step, s.graphdef, t.graphdef, tx, cfg, s.cfg, hp), shardings,
+    fn = steps.jit_step(functools.partial(steps.ks_step, s.graphdef, t.graphdef, tx, cfg, s.cfg, hp, gather=s.rep),
+                        shardings,
                         (t.on(s.mesh), s.shardings), bsh, s.rep)
     teacher_on_s = jax.device_put(teacher_params, t.on(s.mesh))
     call = lambda state, batch: fn(state, teacher_on_s, student_params, batch)

@@ -79,8 +79,10 @@ def _teacher_lp(teacher, seq_BT, mask_BT):
 
 
 def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, state, teacher_params, ref_params,
-            batch):
-  """One L_KS step. hp: lam, alpha (the method's), from methods.py."""
+            batch, *, gather=None):
+  """One L_KS step. hp: lam, alpha (the method's), from methods.py. gather: a replicated
+  sharding for the weights the samplers use, so no collective runs inside the decoding
+  loops (XLA:CPU's in-process collectives inside while loops deadlocked on fake devices)."""
   sc = cfg.seeding
   lam, alpha = hp["lam"], hp["alpha"]
   tokens, mask = batch["tokens"], batch["loss_mask"]
@@ -89,6 +91,8 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
   r_on, r_im, r_cut = jax.random.split(rng, 3)
   teacher = nnx.merge(t_graphdef, teacher_params)
   frozen = jax.lax.stop_gradient(state["params"])
+  if gather is not None:
+    frozen = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, gather), frozen)
   sample = functools.partial(sample_tokens, s_graphdef, frozen, cfg=scfg, temperature=1.0)
   div = functools.partial(distill.token_divergence, kind=sc.divergence, beta=sc.jsd_beta, temperature=sc.temperature)
 
