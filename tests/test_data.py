@@ -197,18 +197,32 @@ def test_cache_reuse_concurrency_and_identity(tmp_path, monkeypatch):
   assert not errors and results == [16, 16]
   assert len(calls) == 16 + 4 + 2  # built exactly once (+ one option check per split)
   root = cfg.data_dir
-  (name,) = _dataset_dirs(root)
-  version_dir = os.path.join(root, "sleep_jax_task", name, "1.0.0")
-  mtimes = {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
+  names = _dataset_dirs(root)
+  assert [n.split("-")[1] for n in names] == ["eval", "train"]  # one build per split
+  version_dirs = [os.path.join(root, "sleep_jax_task", n, "1.0.0") for n in names]
+  mtimes = lambda: {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+                    for d in version_dirs for f in os.listdir(d)}
+  before = mtimes()
 
   data_sources(cfg)  # cached: no generate call, no file rewritten
   assert len(calls) == 22
-  assert mtimes == {f: os.stat(os.path.join(version_dir, f)).st_mtime_ns for f in os.listdir(version_dir)}
+  assert mtimes() == before
 
-  for kw in (dict(task_options={**OPTS, "steps": 5}), dict(eval_task_options={"steps": 7}),
-             dict(train_examples=17)):
-    data_sources(_cfg(tmp_path, eval_examples=4, **{"train_examples": 16, **kw}))
-  assert len(_dataset_dirs(root)) == 4  # every setting got its own dataset
+  # Each split is rebuilt only when something its records depend on changes. Train options
+  # reach the eval split too (eval options are merged over them); eval options and
+  # eval_examples never touch the train split, and train_examples never the eval split.
+  def new_builds(**kw):
+    n = len(_dataset_dirs(root))
+    calls.clear()
+    data_sources(_cfg(tmp_path, **{"train_examples": 16, "eval_examples": 4, **kw}))
+    return len(_dataset_dirs(root)) - n, len(calls)
+
+  assert new_builds(eval_task_options={"steps": 7}) == (1, 4 + 1)
+  assert new_builds(eval_examples=5) == (1, 5 + 1)
+  assert new_builds(train_examples=17) == (1, 17 + 1)
+  assert new_builds(task_options={**OPTS, "steps": 5}) == (1, 16 + 1)  # eval overrides steps
+  assert new_builds(task_options={**OPTS, "W": 7}) == (2, 16 + 4 + 2)
+  assert mtimes() == before  # the first builds were never rewritten
 
 
 def _try(fn, errors):
@@ -233,5 +247,17 @@ def test_two_processes_building_at_once(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
     assert out.split()[-1] == "1500"
-  (name,) = _dataset_dirs(str(tmp_path))
-  assert os.listdir(os.path.join(tmp_path, "sleep_jax_task", name)) == ["1.0.0"]  # no leftovers
+  for name in _dataset_dirs(str(tmp_path)):  # one build per split, and no leftovers
+    assert os.listdir(os.path.join(tmp_path, "sleep_jax_task", name)) == ["1.0.0"]
+  assert len(_dataset_dirs(str(tmp_path))) == 2
+
+
+def test_split_builds_stay_disjoint(tmp_path):
+  # The splits are built separately, but membership is decided by each example's own tokens
+  # (tasks.split_of), so even with identical options no sequence is in both.
+  cfg = _cfg(tmp_path, task_options={"K": 1, "W": 4, "steps": 1}, eval_task_options={}, seq_len=10,
+             train_examples=64, eval_examples=16)
+  src = data_sources(cfg)
+  seqs = {s: {src[s][i]["tokens"].tobytes() for i in range(len(src[s]))} for s in ("train", "eval")}
+  assert seqs["train"].isdisjoint(seqs["eval"])
+  assert all(tasks.split_of(np.frombuffer(t, np.int32)) == "eval" for t in seqs["eval"])

@@ -5,7 +5,7 @@
                       start_step=0) -> TrainIterator (next / get_state / set_state)
   make_eval_batches(cfg, *, batch_size, num_batches=None) -> iterator of eval batches
   data_sources(cfg) -> {"train", "eval"} random-access sources (builds on first use)
-  dataset_dir(cfg) -> str                  the dataset's directory, built or not
+  dataset_dir(cfg, split='train') -> str  that split's dataset directory, built or not
 
 Every data problem raises `DataError` (a ValueError) with a one-line message.
 """

@@ -1,13 +1,17 @@
 """TFDS builders for the synthetic tasks, written as array_record and read without TF.
 
-`task_builder(cfg)` returns a prepared `tfds.core.GeneratorBasedBuilder` whose splits
-"train" and "eval" hold `generate(task, split, i, seed, options)` for i = 0..n-1 in index
-order. The dataset lives in
+`task_builders(cfg)` returns {"train": builder, "eval": builder}: one prepared
+`tfds.core.GeneratorBasedBuilder` per split, whose split of that name holds
+`generate(task, split, i, seed, options)` for i = 0..n-1 in index order. Each lives in
 
-  <data_dir>/sleep_jax_task/<task>-<hash>/1.0.0/sleep_jax_task-{train,eval}.array_record-*
+  <data_dir>/sleep_jax_task/<task>-<split>-<hash>/1.0.0/sleep_jax_task-<split>.array_record-*
 
-where <hash> covers everything the records depend on (task, merged options, seed, example
-counts, FORMAT), so a changed setting never reuses a stale build.
+where <hash> covers everything that split's records depend on (task, split, that split's
+merged options, seed, that split's example count, FORMAT), so a changed setting never
+reuses a stale build, and changing only eval options (a sweep's eval grid over
+difficulties) rebuilds only the eval split, never the training set. Building the splits
+separately costs nothing in disjointness: an example's split is decided by a hash of its
+own tokens (`tasks.split_of`), not by which build it came from.
 
 Why this works without TensorFlow: GeneratorBasedBuilder serialises examples with its
 own protobuf code, the array_record writer is a C++ extension, and `as_data_source` reads
@@ -85,22 +89,20 @@ def progress(examples: Iterator[tuple[int, dict]], total: int, desc: str):
 
 
 class TaskConfig(tfds.core.BuilderConfig):
-  """One concrete task dataset; its name carries the hash of everything it depends on."""
+  """One split of one concrete task; its name carries the hash of what that split depends on."""
 
-  def __init__(self, *, task: str, train_options: dict, eval_options: dict, seed: int,
-               train_examples: int, eval_examples: int):
-    identity = dict(format=FORMAT, task=task, train_options=train_options,
-                    eval_options=eval_options, seed=seed, train_examples=train_examples,
-                    eval_examples=eval_examples)
-    super().__init__(name=f"{task}-{stable_hash(identity)}", version=VERSION,
+  def __init__(self, *, task: str, split: str, options: dict, seed: int, examples: int):
+    # Only this split's inputs: the other split's options or size must not rename (and so
+    # rebuild) this one.
+    identity = dict(format=FORMAT, task=task, split=split, options=options, seed=seed, examples=examples)
+    super().__init__(name=f"{task}-{split}-{stable_hash(identity)}", version=VERSION,
                      description=json.dumps(identity, sort_keys=True, default=str))
-    self.task, self.seed = task, seed
-    self.train_options, self.eval_options = train_options, eval_options
-    self.train_examples, self.eval_examples = train_examples, eval_examples
+    self.task, self.split, self.seed = task, split, seed
+    self.options, self.examples = options, examples
 
 
 class SleepJaxTask(tfds.core.GeneratorBasedBuilder):
-  """Examples of one synthetic task (see `sleep_jax.data.tasks`)."""
+  """Examples of one split of one synthetic task (see `sleep_jax.data.tasks`)."""
 
   # No source dir of its own: without this TFDS looks for a checksums file beside the
   # module and, for a class inside a package, needs `importlib_resources` to do so.
@@ -112,14 +114,12 @@ class SleepJaxTask(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    for split, options in (("train", c.train_options), ("eval", c.eval_options)):
-      try:  # bad option values surface here as one line, not deep inside the TFDS writer
-        tasks_lib.generate(c.task, split, 0, c.seed, options)
-      except (ValueError, TypeError) as e:
-        key = "data.task_options" if split == "train" else "data.eval_task_options"
-        raise DataError(f"{key}: {' '.join(str(e).split())}") from None
-    return {"train": self._generate_examples("train", c.train_examples, c.train_options),
-            "eval": self._generate_examples("eval", c.eval_examples, c.eval_options)}
+    try:  # bad option values surface here as one line, not deep inside the TFDS writer
+      tasks_lib.generate(c.task, c.split, 0, c.seed, c.options)
+    except (ValueError, TypeError) as e:
+      key = "data.task_options" if c.split == "train" else "data.eval_task_options"
+      raise DataError(f"{key}: {' '.join(str(e).split())}") from None
+    return {c.split: self._generate_examples(c.split, c.examples, c.options)}
 
   def _generate_examples(self, split: str, n: int, options: dict):
     c = self.builder_config
@@ -154,12 +154,15 @@ def data_seed(cfg) -> int:
   return int(getattr(cfg, "seed", 0) or 0)
 
 
-def task_builder(cfg, *, prepare: bool = True) -> SleepJaxTask:
+def task_builders(cfg, *, prepare: bool = True) -> dict[str, SleepJaxTask]:
+  """{"train", "eval"}: one builder per split, each named by its own inputs only."""
   train, eval_ = task_options(cfg)
-  config = TaskConfig(task=cfg.task, train_options=train, eval_options=eval_, seed=data_seed(cfg),
-                      train_examples=int(cfg.train_examples), eval_examples=int(cfg.eval_examples))
-  make = lambda: SleepJaxTask(config=config, data_dir=data_dir(cfg), file_format="array_record")
-  return prepared(make) if prepare else construct(make)
+  out = {}
+  for split, options, n in (("train", train, cfg.train_examples), ("eval", eval_, cfg.eval_examples)):
+    config = TaskConfig(task=cfg.task, split=split, options=options, seed=data_seed(cfg), examples=int(n))
+    make = lambda config=config: SleepJaxTask(config=config, data_dir=data_dir(cfg), file_format="array_record")
+    out[split] = prepared(make) if prepare else construct(make)
+  return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 
 from sleep_jax.data import tasks as tasks_lib
 from sleep_jax.data import text as text_lib
-from sleep_jax.data.builders import DataError, data_seed, stable_hash, task_builder, task_options
+from sleep_jax.data.builders import DataError, data_seed, stable_hash, task_builders, task_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +54,23 @@ def _check_fits(cfg, T: int) -> None:
     raise DataError(f"data.seq_len={cfg.seq_len} is too short: {what} need {T} tokens")
 
 
-def _builder(cfg, prepare: bool):
-  return (text_lib.text_builder if cfg.source == "text" else task_builder)(cfg, prepare=prepare)
+def _builders(cfg, prepare: bool) -> dict[str, Any]:
+  """{"train", "eval"} -> the builder holding that split (tasks: one per split; text: one)."""
+  if cfg.source == "text":
+    builder = text_lib.text_builder(cfg, prepare=prepare)
+    return {"train": builder, "eval": builder}
+  return task_builders(cfg, prepare=prepare)
 
 
-def dataset_dir(cfg) -> str:
-  """Where the configured dataset lives (or will, once built); builds nothing."""
-  return str(_builder(cfg, prepare=False).data_path)
+def dataset_dir(cfg, split: str = "train") -> str:
+  """Where the configured split lives (or will, once built); builds nothing."""
+  return str(_builders(cfg, prepare=False)[split].data_path)
 
 
 def data_sources(cfg) -> dict[str, Any]:
   """{"train", "eval"} random-access sources (decoded numpy dicts), building on first use."""
   _check_fits(cfg, dataset_info(cfg).example_len)
-  builder = _builder(cfg, prepare=True)
-  return {split: builder.as_data_source(split) for split in ("train", "eval")}
+  return {split: b.as_data_source(split) for split, b in _builders(cfg, prepare=True).items()}
 
 
 def _collate(examples, *, seq_len: int, eval_: bool = False) -> dict[str, np.ndarray]:
