@@ -48,6 +48,9 @@ LABEL = "label"
 # Keys that change how a point runs, not what it computes: editing them keeps a done point done.
 HOW_KEYS = ("run_dir", "mesh.", "distributed.", "checkpoint.", "data.prefetch", "data.data_dir",
             "train.log_every", "train.eval_every", "train.eval_batches")
+# Sections `train` never reads (paper B's pipelines): new keys or defaults there must not
+# make finished sweep points look stale.
+UNREAD_BY_TRAIN = ("seeding.", "dreaming.")
 
 
 class SweepError(ConfigError):
@@ -257,7 +260,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def fingerprint(sweep: Sweep, index: int) -> str:
   """Hash of what a point computes: its train and eval configs minus HOW_KEYS, eval batches."""
-  what = lambda c: {k: v for k, v in _flat(config_lib.to_dict(c)).items() if not k.startswith(HOW_KEYS)}
+  what = lambda c: {k: v for k, v in _flat(config_lib.to_dict(c)).items()
+                    if not k.startswith(HOW_KEYS + UNREAD_BY_TRAIN)}
   blob = json.dumps({"train": what(sweep.configs[index]), "eval": [what(c) for c in sweep.eval_configs[index]],
                      "batches": sweep.eval_batches}, sort_keys=True, default=str)
   return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
@@ -336,6 +340,8 @@ def collect(sweep: Sweep) -> list[dict]:
   if len(done) < len(sweep.points):
     log.warning("%d of %d points not done (left out): %s", len(sweep.points) - len(done), len(sweep.points),
                 ", ".join(p.name for p in sweep.points if p not in done))
+  if not done:  # keep results an earlier collect wrote rather than replace them with nothing
+    raise SweepError(f"sweep {sweep.name}: no finished point to collect (results under {sweep.root} left as they are)")
   rows = [row for p in done for row in read_record(p.run_dir)["rows"]]
   varied = sweep.varied + [k for k in sweep.eval_varied if k not in sweep.varied]
   varied += [f"eval:{k}" for k in sweep.eval_varied if k in sweep.varied]
