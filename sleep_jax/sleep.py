@@ -64,7 +64,7 @@ def _state_sq_B(S) -> jax.Array:
 
 
 def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int = 0, truncate: int = 0,
-               tol: float = 0.0, keep_kv: bool = False):
+               tol: float = 0.0, keep_kv: bool = False, remat: bool = True):
   """Passes start+1 .. N of one chunk as ONE `lax.scan`. Returns (S, passes_B, h_1, kv_1).
 
   pass_fn(h, S) -> (h, S, kv) is one (rematerialised) pass of the stack. start = 0: the scan
@@ -82,7 +82,8 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
   N-K+1; pass 1's logits keep theirs). tol > 0: adaptive depth -- from pass 2 on, an example
   stops once |S_n - S_{n-1}| / |S_n| < tol (scan + cond rather than a while_loop, so it stays
   differentiable and still skips the compute; truncation is ignored: "the last K passes" is
-  not known before the loop ends).
+  not known before the loop ends). remat=False skips the per-pass remat when there is a
+  single pass to run (with several it is always on: it is what keeps memory flat in N).
   """
   B = h_BLD.shape[0]
   if not S:  # no GDN layer: nothing survives a chunk, extra passes could change nothing
@@ -91,6 +92,12 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
   h_shape, _, kv_shape = jax.eval_shape(pass_fn, h_BLD, S)
   zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape) if keep_kv else ()
   stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
+  if n_iter == 1 and start == 0 and not remat:
+    # One pass (N = 1, or a model without GDN layers): nothing to scan, select or skip, and
+    # no per-pass remat -- its only purpose is to keep memory flat over N passes, and for a
+    # single pass it would just recompute the forward in the backward.
+    h1, S, kv = pass_fn(h_BLD, S)
+    return S, jnp.ones((B,), jnp.int32), h1, (kv if keep_kv else ())
 
   # The remat boundary is around the cond, not inside it: a cond would hand its branch's
   # residuals (the parameters among them) out per iteration, and the scan would stack them.
@@ -165,7 +172,8 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
     m = nnx.merge(graphdef, state)
     active_B = jnp.all(mask_BL == 0, axis=1)
     S_out, n_B, h1, kv1 = run_passes(lambda h, S_: one_pass(state, h, S_, ctx), m.embed_tokens(tokens_BL), S,
-                                     active_B, passes=N, truncate=sc.truncate_passes, tol=tol, keep_kv=sliding)
+                                     active_B, passes=N, truncate=sc.truncate_passes, tol=tol, keep_kv=sliding,
+                                     remat=mc.remat)
     return (S_out, kv1 if sliding else ctx), (m.logits(h1), n_B)
 
   if mc.remat:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from sleep_jax.config import ModelConfig
 from sleep_jax.models.layers import param
+from sleep_jax.ops.dense import dense
 from sleep_jax.ops.gated_delta import gated_delta_rule, gated_delta_step
 
 # log(alpha) is clamped here: the chunkwise op works with log(alpha), and alpha underflowing
@@ -104,7 +105,7 @@ class GatedDeltaNet(nnx.Module):
   def features(self, x_BTD: jax.Array, conv_cache=None):
     """x -> (q, k, v, alpha, beta, gate, new conv cache); q, k unit-norm per head."""
     K = self.wq.shape[-1]
-    qkv_BTHC = jnp.concatenate([jnp.einsum("btd,dhk->bthk", x_BTD, w[...]) for w in (self.wq, self.wk, self.wv)],
+    qkv_BTHC = jnp.concatenate([dense("btd,dhk->bthk", x_BTD, w[...]) for w in (self.wq, self.wk, self.wv)],
                                axis=-1)
     qkv_BTHC, conv_cache = causal_conv(qkv_BTHC, self.conv[...], conv_cache)
     qkv_BTHC = jax.nn.silu(qkv_BTHC)
@@ -113,12 +114,12 @@ class GatedDeltaNet(nnx.Module):
                              + self.dt_bias[...].astype(jnp.float32))
     log_alpha_BTH = jnp.maximum(-jnp.exp(self.a_log[...].astype(jnp.float32)) * dt_BTH, LOG_ALPHA_MIN)
     beta_BTH = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x_BTD, self.wb[...]).astype(jnp.float32))
-    gate_BTHK = jnp.einsum("btd,dhk->bthk", x_BTD, self.wg[...])
+    gate_BTHK = dense("btd,dhk->bthk", x_BTD, self.wg[...])
     return q_BTHK, k_BTHK, v_BTHK, jnp.exp(log_alpha_BTH), beta_BTH, gate_BTHK, conv_cache
 
   def output(self, o_BTHV: jax.Array, gate_BTHV: jax.Array) -> jax.Array:
     o = (self.o_norm(o_BTHV) * jax.nn.silu(gate_BTHV.astype(jnp.float32))).astype(gate_BTHV.dtype)
-    return jnp.einsum("bthv,hvd->btd", o, self.wo[...])
+    return dense("bthv,hvd->btd", o, self.wo[...])
 
   def __call__(self, x_BTD: jax.Array, S_BHVK: jax.Array):
     """One run over a chunk from state S (zero conv cache). Returns (y_BTD, new S)."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sleep_jax.ops.dense import dense
+from sleep_jax.ops.dense import dense, materialize
 
 nnx.use_eager_sharding(False)  # shardings are applied by jax.jit(out_shardings=...), not eagerly
 
@@ -57,7 +57,7 @@ def rope(x_BTHK: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
   half = x_BTHK.shape[-1] // 2
   freq_K = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BTK = positions_BT[..., None].astype(jnp.float32) * freq_K
-  sin, cos = jnp.sin(angle_BTK)[:, :, None, :], jnp.cos(angle_BTK)[:, :, None, :]
+  sin, cos = materialize((jnp.sin(angle_BTK)[:, :, None, :], jnp.cos(angle_BTK)[:, :, None, :]))
   x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHK.dtype)

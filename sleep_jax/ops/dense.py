@@ -25,6 +25,15 @@ def dense(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
   return _dense(eq, x, w)
 
 
+def materialize(tree):
+  """On CPU, compute `tree` once into buffers instead of letting XLA fuse (and so repeat) it
+  into every consumer: e.g. RoPE's sin/cos [B, T, K/2] would be recomputed for each head of
+  a [B, T, H, K] product inside a scanned layer. Elsewhere the identity."""
+  if jax.default_backend() != "cpu":
+    return tree
+  return jax.lax.optimization_barrier(tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dense(eq, x, w):
   return jnp.einsum(eq, x, w)
