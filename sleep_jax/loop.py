@@ -63,6 +63,27 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
+class Preemption:
+  """Watches for SIGTERM from construction until `restore()`. `requested()`, called once per
+  step on every process, is True on all of them as soon as any process got the signal, so
+  that they all save the same step and exit together (training loop and pipeline stages)."""
+
+  def __init__(self):
+    self._hit = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self._hit = True
+
+  def requested(self) -> bool:
+    if jax.process_count() > 1:
+      self._hit = any_process(self._hit)
+    return self._hit
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._old)
+
+
 def write_config(cfg: config_lib.Config) -> None:
   if jax.process_index() == 0:
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -100,8 +121,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   if data_state is not None:
     it.set_state(data_state)
   writer = MetricWriter(cfg.run_dir, resume_step=step)
-  preempted = []
-  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = Preemption()
   tokens_per_step = cfg.train.batch_size * (cfg.data.seq_len - 1)
   pbar = tqdm(total=cfg.train.steps, initial=step, disable=jax.process_index() != 0, desc="train",
               dynamic_ncols=True, mininterval=1.0)
@@ -129,11 +149,10 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                             "data_wait_frac": (t1 - t0) / max(now - t_prev, 1e-9)})
       pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
       pbar.update(1)
-      if jax.process_count() > 1 and any_process(bool(preempted)):
-        preempted.append(True)  # every process saves the same step, then all exit together
+      preempted = preemption.requested()
       if step % cfg.checkpoint.every == 0 or preempted:
         t_s = time.perf_counter()
-        ckpt.save(step, state, it.get_state(), wait=bool(preempted))
+        ckpt.save(step, state, it.get_state(), wait=preempted)
         timing["save_s"] += time.perf_counter() - t_s
         last_saved = step
       if preempted:
@@ -154,6 +173,6 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
     return result
   finally:
     pbar.close()
-    signal.signal(signal.SIGTERM, old_handler)
+    preemption.restore()
     writer.close()
     ckpt.close()

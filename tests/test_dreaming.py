@@ -154,3 +154,18 @@ def test_dream_cli_runs_resumes_and_rejects_bad_methods(tmp_path):
   bad = subprocess.run(cmd + ["dreaming.methods=[base,nap]"], env=subprocess_env(2), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and "unknown method 'nap'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_replay_targets_are_the_models_own_greedy_beliefs(model):
+  """greedy_targets rewrites only masked positions, to a fixed point of the model's argmax
+  (each target conditioned on the relabelled ones before it)."""
+  cfg, graphdef, params, world = model
+  tokens, mask = _dream_batch(world, 4, seed=3)
+  span = int(np.asarray(mask[0]).sum())
+  out = jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span))(tokens, mask)
+  target = np.asarray(mask[:, 1:]).astype(bool)
+  np.testing.assert_array_equal(np.asarray(out)[:, 1:][~target], np.asarray(tokens)[:, 1:][~target])
+  np.testing.assert_array_equal(np.asarray(out)[:, 0], np.asarray(tokens)[:, 0])
+  pred = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(out[:, :-1]), -1))
+  np.testing.assert_array_equal(pred[target], np.asarray(out)[:, 1:][target])
+  assert (np.asarray(out) != np.asarray(tokens)).any()  # an untrained model disagrees with the table

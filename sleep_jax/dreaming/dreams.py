@@ -60,6 +60,23 @@ def closed_book(dreams_MN: jax.Array, attr_mask_N: jax.Array) -> tuple[jax.Array
   return tokens, jnp.broadcast_to(mask, tokens.shape)
 
 
+def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *, span: int) -> jax.Array:
+  """tokens with every masked (target) position replaced by the model's own greedy choice.
+
+  Generative replay samples closed-book texts at temperature 1 so that they cover what the
+  model knows, but a sampled attribute is sometimes one the model does not believe: training
+  on it would write a wrong fact over a right one. Replay targets are therefore the model's
+  argmax beliefs given the sampled entity and relation. `span` passes (the longest run of
+  consecutive masked positions) make each target conditioned on the relabelled ones before.
+  """
+  model = nnx.merge(graphdef, params)
+  target = mask_BT[:, 1:].astype(bool)
+  for _ in range(span):
+    pred_BT = jnp.argmax(model(tokens_BT[:, :-1]), axis=-1).astype(tokens_BT.dtype)
+    tokens_BT = tokens_BT.at[:, 1:].set(jnp.where(target, pred_BT, tokens_BT[:, 1:]))
+  return tokens_BT
+
+
 def sft_loss(graphdef, params, tokens_BT, mask_BT) -> jax.Array:
   logits = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT[:, 1:])

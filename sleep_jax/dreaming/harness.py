@@ -81,6 +81,7 @@ class Dreamer:
     self.replay = jax.jit(lambda p, rng: D.sample_dreams(
         graphdef, p, start, rng, cfg=cfg, m=max(dc.replay, 1), length=world.dream_len, temperature=1.0,
         novelty=False))
+    self.relabel = jax.jit(functools.partial(D.greedy_targets, graphdef, span=world.qa_per_example * world.attr_len))
     self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps))
     self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps))
 
@@ -114,10 +115,12 @@ class Dreamer:
 
   def write_expert(self, params, tokens, mask, weights, rng):
     """Write dreams into a newly activated slow-level expert (only it trains), rehearsing
-    `dreaming.replay` closed-book texts the model writes from nothing before the write
-    (generative replay: what it already knows stays the target elsewhere)."""
+    `dreaming.replay` closed-book texts the model writes from nothing before the write, with
+    the model's own greedy attributes as targets (generative replay: what it already knows
+    stays the target elsewhere)."""
     if self.cfg.dreaming.replay:
       replay, rmask = D.closed_book(self.replay(params, rng), self.attr_mask)
+      replay = self.relabel(params, replay, rmask)
       tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
       weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
     slow = len(params["blocks"]["levels"]) - 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from typing import Any, Callable
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sleep_jax.checkpoint import Checkpointer
-from sleep_jax.loop import NonFiniteLoss, Preempted, any_process
+from sleep_jax.loop import NonFiniteLoss, Preempted, Preemption
 from sleep_jax.metrics import MetricWriter
 
 log = logging.getLogger("sleep_jax")
@@ -42,8 +41,7 @@ def run_stage(stage_dir: str, *, abstract_state: Any, init: Callable[[], Any],
     ckpt.close()
     return state
   writer = MetricWriter(stage_dir, resume_step=start)
-  preempted: list[bool] = []
-  old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  preemption = Preemption()
   pbar = tqdm(total=steps, initial=start, desc=desc, disable=jax.process_index() != 0, dynamic_ncols=True,
               mininterval=1.0)
   last_saved = start
@@ -61,8 +59,7 @@ def run_stage(stage_dir: str, *, abstract_state: Any, init: Callable[[], Any],
         writer.write(done, on_eval(state, done))
       pbar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
       pbar.update(1)
-      if jax.process_count() > 1 and any_process(bool(preempted)):
-        preempted.append(True)
+      preempted = preemption.requested()
       if done % every == 0 or done == steps or preempted:
         ckpt.save(done, state, {"step": done}, wait=True)
         last_saved = done
@@ -72,6 +69,6 @@ def run_stage(stage_dir: str, *, abstract_state: Any, init: Callable[[], Any],
     return state
   finally:
     pbar.close()
-    signal.signal(signal.SIGTERM, old_handler)
+    preemption.restore()
     writer.close()
     ckpt.close()
