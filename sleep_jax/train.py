@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.models import forward, model_factory
+from sleep_jax.xla_options import step_compiler_options
 
 
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -109,8 +110,10 @@ class Trainer:
          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)},
         self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
+    opts = step_compiler_options()
     jit_step = lambda fn: jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                                  out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+                                  out_shardings=(self.state_shardings, rep), donate_argnums=(0,),
+                                  compiler_options=opts)
     self.train_step = jit_step(functools.partial(self._train_step, cfg=cfg, update_mask=None))
     # Sliding-window recipe (paper A): first train only the GDN layers under hard eviction.
     self.warmup_steps = cfg.sleep.warmup_gdn_steps if cfg.model.kind == "hybrid" else 0
@@ -121,7 +124,7 @@ class Trainer:
       self.warmup_step = jit_step(functools.partial(
           self._train_step, cfg=hard, update_mask=gdn_only_mask(abstract_params)))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
-                             out_shardings=rep)
+                             out_shardings=rep, compiler_options=opts)
 
   # -- state -------------------------------------------------------------------------------
   def init_state(self) -> dict[str, Any]:
