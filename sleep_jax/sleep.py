@@ -89,15 +89,15 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
   if not S:  # no GDN layer: nothing survives a chunk, extra passes could change nothing
     passes = max(start, 1)
   n_iter = max(passes - start, 0)
-  h_shape, _, kv_shape = jax.eval_shape(pass_fn, h_BLD, S)
-  zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape) if keep_kv else ()
-  stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
   if n_iter == 1 and start == 0 and not remat:
     # One pass (N = 1, or a model without GDN layers): nothing to scan, select or skip, and
     # no per-pass remat -- its only purpose is to keep memory flat over N passes, and for a
     # single pass it would just recompute the forward in the backward.
     h1, S, kv = pass_fn(h_BLD, S)
     return S, jnp.ones((B,), jnp.int32), h1, (kv if keep_kv else ())
+  h_shape, _, kv_shape = jax.eval_shape(pass_fn, h_BLD, S)
+  zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape) if keep_kv else ()
+  stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
 
   # The remat boundary is around the cond, not inside it: a cond would hand its branch's
   # residuals (the parameters among them) out per iteration, and the scan would stack them.

@@ -66,8 +66,9 @@ def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *
   Generative replay samples closed-book texts at temperature 1 so that they cover what the
   model knows, but a sampled attribute is sometimes one the model does not believe: training
   on it would write a wrong fact over a right one. Replay targets are therefore the model's
-  argmax beliefs given the sampled entity and relation. `span` passes (the longest run of
-  consecutive masked positions) make each target conditioned on the relabelled ones before.
+  argmax beliefs given the sampled entity and relation. `span` passes (the number of masked
+  positions per row) reach the fixed point: pass i settles the i-th target, conditioned on
+  the relabelled ones before it, as greedy decoding would have written them.
   """
   model = nnx.merge(graphdef, params)
   target = mask_BT[:, 1:].astype(bool)
