@@ -65,6 +65,7 @@ class SleepConfig:
   truncate_passes: int = 0  # >0: back-propagate through the last K passes only
   adaptive_tol: float = 0.0  # >0 (inference): stop sleeping once |dS|/|S| < tol
   warmup_gdn_steps: int = 0  # sliding-window recipe: train only GDN layers, hard eviction
+  single_pass_steps: int = 0  # depth curriculum: the first steps train at N = 1, then at `passes`
 
 
 @dataclass

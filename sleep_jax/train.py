@@ -123,6 +123,12 @@ class Trainer:
       hard = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eviction="hard"))
       self.warmup_step = jit_step(functools.partial(
           self._train_step, cfg=hard, update_mask=gdn_only_mask(abstract_params)))
+    # Depth curriculum: the first single_pass_steps steps train at N = 1 (the fast weights
+    # learn to store and be read before extra passes have anything to refine), then at N.
+    self.single_pass_steps = cfg.sleep.single_pass_steps if cfg.model.kind == "hybrid" and cfg.sleep.passes > 1 else 0
+    if self.single_pass_steps:
+      one = dataclasses.replace(cfg, sleep=dataclasses.replace(cfg.sleep, passes=1))
+      self.single_pass_step = jit_step(functools.partial(self._train_step, cfg=one, update_mask=None))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
                              out_shardings=rep, compiler_options=opts)
 
@@ -142,8 +148,12 @@ class Trainer:
 
   # -- steps -------------------------------------------------------------------------------
   def step_fn(self, step: int):
-    """The jitted train step to use at `step` (warm-up phase or main phase)."""
-    return self.warmup_step if step < self.warmup_steps else self.train_step
+    """The jitted train step to use at `step`: GDN warm-up, then single-pass, then main phase."""
+    if step < self.warmup_steps:
+      return self.warmup_step
+    if step < self.single_pass_steps:
+      return self.single_pass_step
+    return self.train_step
 
   def _stats(self, params, batch, cfg: Config | None = None, training: bool = True):
     inputs, targets, mask = split_batch(batch)

@@ -106,7 +106,7 @@ def test_khop_matches_brute_force(hops):
   mod = get_task("khop")
   rng = np.random.default_rng(100 + (hops or 0))
   seen = set()
-  for opts in [dict(), dict(n_nodes=10, n_chunks=3, chunk_len=14)]:
+  for opts in [dict(), dict(n_nodes=10, n_chunks=3, chunk_len=14), dict(n_nodes=8, graph="permutation")]:
     for _ in range(60):
       ex = mod.sample(rng, **options_for("khop", dict(opts, hops=hops)))
       edges, start, answer = solve_khop(ex["tokens"])
@@ -115,6 +115,8 @@ def test_khop_matches_brute_force(hops):
       assert ex["tokens"][ex["loss_mask"] == 1].tolist() == [mod.NODE0 + answer]
       assert ex["hops"] == ex["difficulty"] and (hops is None or ex["hops"] == hops)
       assert sorted(u for u, _ in edges) == list(range(len(edges)))  # a functional graph
+      if opts.get("graph") == "permutation":
+        assert sorted(v for _, v in edges) == list(range(len(edges)))
       seen.add(ex["hops"])
   if hops is None:  # the training range: k drawn from 1..16
     assert seen <= set(range(1, 17)) and len(seen) > 8

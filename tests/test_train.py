@@ -86,3 +86,18 @@ def test_sliding_window_warmup_trains_only_gdn_layers(tiny_overrides):
   unchanged = [jax.tree_util.keystr(p) for (p, c), m in zip(jax.tree_util.tree_leaves_with_path(changed), flat_mask) if m and not c]
   assert not unchanged, unchanged  # every GDN parameter trained
   assert not any(c for c, m in zip(flat_changed, flat_mask) if not m)  # the rest bit-identical
+
+
+def test_depth_curriculum_trains_at_one_pass_first(tiny_overrides):
+  """sleep.single_pass_steps = K: steps < K are exactly the N = 1 model's steps, then N."""
+  base = tiny_overrides + ["model.kind=hybrid", "model.layer_pattern=[attn,gdn]"]
+  cur = Trainer(load_config(TINY, base + ["sleep.passes=3", "sleep.single_pass_steps=1"]))
+  one = Trainer(load_config(TINY, base + ["sleep.passes=1"]))
+  deep = Trainer(load_config(TINY, base + ["sleep.passes=3"]))
+  assert cur.step_fn(0) is cur.single_pass_step and cur.step_fn(1) is cur.train_step
+  it = data_lib.make_train_iterator(cur.cfg.data, global_batch_size=cur.cfg.train.batch_size, seed=0)
+  batch = shd.global_batch(next(it), cur.mesh)
+  loss = lambda t, fn: float(fn(t.init_state(), batch)[1]["loss"])
+  assert loss(cur, cur.step_fn(0)) == loss(one, one.train_step)
+  assert loss(cur, cur.step_fn(1)) == loss(deep, deep.train_step)
+  assert loss(one, one.train_step) != loss(deep, deep.train_step)  # tiny.yaml consolidates

@@ -4,8 +4,11 @@ Layout (L = chunk_len; C = n_chunks consolidation chunks):
 
   [u > v u > v ... PAD]  x C     ?  start  hk  answer
 
-Every node has exactly one successor, drawn uniformly (self-loops allowed), so the graph is
-a random function and k hops from any node are always defined. The n_nodes edges are
+Every node has exactly one successor, so k hops from any node are always defined. With
+graph="function" (the paper's) successors are drawn uniformly (self-loops allowed): a random
+function, whose k-step images crowd onto its cycles, so guessing a k >= 2 answer is often
+right. graph="permutation" makes the successor map a random permutation: the k-hop answer is
+then uniform over the nodes (chance 1/n_nodes at every k), a cleaner test of composition. The n_nodes edges are
 shuffled and split as evenly as possible over the C chunks, whole edges only (an edge cut
 by an eviction would be a different, harder task), PAD filling each chunk's tail. The
 query comes only after the last eviction: the start node and a hop-count token hk (one
@@ -31,7 +34,7 @@ VOCAB_SIZE = NODE0 + MAX_NODES
 EDGE_TOKENS = 3  # u > v
 
 DEFAULTS = {"n_nodes": 100, "hops": None, "hops_min": 1, "hops_max": 16, "n_chunks": 4,
-            "chunk_len": None}  # chunk_len None: the smallest that holds the edges
+            "chunk_len": None, "graph": "function"}  # chunk_len None: the smallest that holds the edges
 DIFFICULTY = "hops"
 
 
@@ -42,7 +45,7 @@ def _chunk_len(n_nodes: int, n_chunks: int, chunk_len: int | None) -> int:
 
 
 def seq_len(n_nodes=DEFAULTS["n_nodes"], hops=None, hops_min=1, hops_max=16,
-            n_chunks=DEFAULTS["n_chunks"], chunk_len=None) -> int:
+            n_chunks=DEFAULTS["n_chunks"], chunk_len=None, graph="function") -> int:
   return n_chunks * _chunk_len(n_nodes, n_chunks, chunk_len) + 4
 
 
@@ -54,7 +57,7 @@ def walk(succ: np.ndarray, start: int, hops: int) -> int:
 
 
 def sample(rng: np.random.Generator, n_nodes=DEFAULTS["n_nodes"], hops=None, hops_min=1,
-           hops_max=16, n_chunks=DEFAULTS["n_chunks"], chunk_len=None) -> dict:
+           hops_max=16, n_chunks=DEFAULTS["n_chunks"], chunk_len=None, graph="function") -> dict:
   L = _chunk_len(n_nodes, n_chunks, chunk_len)
   if not 2 <= n_nodes <= MAX_NODES or n_chunks < 1:
     raise ValueError(f"khop needs 2 <= n_nodes <= {MAX_NODES} and n_chunks >= 1")
@@ -68,7 +71,12 @@ def sample(rng: np.random.Generator, n_nodes=DEFAULTS["n_nodes"], hops=None, hop
   if not 1 <= hops <= MAX_HOPS:
     raise ValueError(f"khop hops={hops} outside 1..{MAX_HOPS}")
 
-  succ = rng.integers(0, n_nodes, size=n_nodes)
+  if graph == "function":
+    succ = rng.integers(0, n_nodes, size=n_nodes)
+  elif graph == "permutation":
+    succ = rng.permutation(n_nodes)
+  else:
+    raise ValueError(f"khop graph={graph!r}: expected 'function' or 'permutation'")
   order = rng.permutation(n_nodes)
   edges = np.stack([order, succ[order]], axis=1).astype(np.int64)
   start = int(rng.integers(0, n_nodes))
