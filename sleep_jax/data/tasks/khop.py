@@ -8,9 +8,10 @@ Every node has exactly one successor, so k hops from any node are always defined
 graph="function" (the paper's) successors are drawn uniformly (self-loops allowed): a random
 function, whose k-step images crowd onto its cycles, so guessing a k >= 2 answer is often
 right. graph="permutation" makes the successor map a random permutation: the k-hop answer is
-then uniform over the nodes (chance 1/n_nodes at every k), a cleaner test of composition. The n_nodes edges are
-shuffled and split as evenly as possible over the C chunks, whole edges only (an edge cut
-by an eviction would be a different, harder task), PAD filling each chunk's tail. The
+then uniform over the nodes (chance 1/n_nodes at every k), a cleaner test of composition.
+The n_nodes edges are shuffled and split as evenly as possible over the C chunks, whole
+edges only (an edge cut by an eviction would be a different, harder task), PAD filling each
+chunk's tail. The
 query comes only after the last eviction: the start node and a hop-count token hk (one
 token per k, so k is not spelled in digits); the single answer token is the node reached.
 
