@@ -232,6 +232,19 @@ def _try(fn, errors):
     errors.append(e)
 
 
+def test_builder_constructed_mid_build_is_not_returned(tmp_path):
+  # The race CI once hit: a builder constructed while another thread was still building
+  # sees no splits, even though the build is finished by the time it checks the disk.
+  from sleep_jax.data.builders import prepared, task_builders
+  cfg = _cfg(tmp_path, train_examples=8, eval_examples=2)
+  stale = task_builders(cfg, prepare=False)["train"]  # constructed before any build
+  fresh = task_builders(cfg)["train"]  # builds
+  assert not stale.info.splits and fresh.info.splits["train"].num_examples == 8
+  makes = iter([lambda: stale])
+  got = prepared(lambda: next(makes, lambda: task_builders(cfg, prepare=False)["train"])())
+  assert got is not stale and got.info.splits["train"].num_examples == 8
+
+
 def test_two_processes_building_at_once(tmp_path):
   # Real processes (flock is per process): both must end up reading one finished build.
   import subprocess

@@ -219,7 +219,9 @@ def prepared(make: Callable[[], tfds.core.DatasetBuilder]) -> tfds.core.DatasetB
   a per-dataset file lock; whoever gets it second finds the build done and only reads.
   """
   builder = construct(make)
-  if is_built(builder):
+  # A builder reads dataset_info.json when constructed: one constructed while another
+  # thread or process was still building has no splits even if the build is done now.
+  if is_built(builder) and builder.info.splits:
     return builder
   root = os.path.dirname(os.path.dirname(os.fspath(builder.data_path)))  # <data_dir>/<name>
   lock = os.path.join(root, f".{builder.builder_config.name}.lock")
