@@ -44,6 +44,10 @@ def losses(run_dir) -> dict[int, float]:
   return out
 
 
+# One worker runs this file: its tests share the 1 x 8 reference run (module fixture).
+pytestmark = pytest.mark.xdist_group("launch_local")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
   run_dir = tmp_path_factory.mktemp("one_by_eight") / "run"

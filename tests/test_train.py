@@ -93,11 +93,11 @@ def test_depth_curriculum_trains_at_one_pass_first(tiny_overrides):
   base = tiny_overrides + ["model.kind=hybrid", "model.layer_pattern=[attn,gdn]"]
   cur = Trainer(load_config(TINY, base + ["sleep.passes=3", "sleep.single_pass_steps=1"]))
   one = Trainer(load_config(TINY, base + ["sleep.passes=1"]))
-  deep = Trainer(load_config(TINY, base + ["sleep.passes=3"]))
+  # Later steps are the N = 3 step itself (cur.train_step is what a plain passes=3 trainer
+  # runs), so one N = 1 reference suffices: 3 compiles, not 4.
   assert cur.step_fn(0) is cur.single_pass_step and cur.step_fn(1) is cur.train_step
   it = data_lib.make_train_iterator(cur.cfg.data, global_batch_size=cur.cfg.train.batch_size, seed=0)
   batch = shd.global_batch(next(it), cur.mesh)
   loss = lambda t, fn: float(fn(t.init_state(), batch)[1]["loss"])
   assert loss(cur, cur.step_fn(0)) == loss(one, one.train_step)
-  assert loss(cur, cur.step_fn(1)) == loss(deep, deep.train_step)
-  assert loss(one, one.train_step) != loss(deep, deep.train_step)  # tiny.yaml consolidates
+  assert loss(cur, cur.step_fn(1)) != loss(one, one.train_step)  # tiny.yaml consolidates
