@@ -6,7 +6,8 @@ A 2-layer attention model learns it at any width, so a config that does not is e
 too small to train in the budget, badly tuned, or broken. This isolates the "reading"
 rows of the dreaming world (experiments/continual.yaml) from everything else in it.
 
-  python experiments/probe_recall.py --kind cms --layers 3 --d_model 64 --lr 3e-3 --steps 3000
+  python experiments/probe_recall.py --steps 3000 --attn_conv 4 --out conv4.json
+  python experiments/probe_recall.py --plot curves.png plain.json conv4.json
 """
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def mqar_batch(rng: np.random.Generator, batch: int, pairs: int, queries: int, n
   return tokens, mask
 
 
+def plot_curves(paths: list[str], out: str) -> None:
+  """Eval accuracy against step, one line per --out json of earlier runs."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    a = r["args"]
+    ax.plot([c["step"] for c in r["curve"]], [c["eval_acc"] for c in r["curve"]], marker=".",
+            label=f"{a['kind']} L{a['layers']} d{a['d_model']} lr {a['lr']:g}, attn_conv {a.get('attn_conv', 0)}")
+  ax.axhline(r["chance"], color="gray", ls=":", label="chance")
+  ax.set(xlabel="step", ylabel="MQAR eval accuracy", ylim=(0, 1.02))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--kind", default="transformer", choices=["transformer", "cms", "hybrid"])
@@ -59,16 +79,20 @@ def main(argv=None):
   p.add_argument("--n_keys", type=int, default=64)
   p.add_argument("--n_values", type=int, default=64)
   p.add_argument("--init_std", type=float, default=0.02)
+  p.add_argument("--attn_conv", type=int, default=0, help="model.attn_conv: short conv before q/k/v")
   p.add_argument("--eval_every", type=int, default=250)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the accuracy curve here (json)")
+  p.add_argument("--plot", nargs="+", metavar=("PNG", "JSON"), help="only plot earlier --out files to PNG")
   a = p.parse_args(argv)
+  if a.plot:
+    return plot_curves(a.plot[1:], a.plot[0])
 
   cfg = Config()
   m = cfg.model
   m.kind, m.n_layers, m.d_model, m.n_heads = a.kind, a.layers, a.d_model, a.heads
   m.head_dim, m.d_ff, m.init_std = a.d_model // a.heads, 4 * a.d_model, a.init_std
-  m.vocab_size = a.n_keys + a.n_values
+  m.vocab_size, m.attn_conv = a.n_keys + a.n_values, a.attn_conv
   if a.kind == "cms":
     m.cms.d_ff = [2 * a.d_model, 2 * a.d_model]
   model = model_factory(cfg)(nnx.Rngs(a.seed))
@@ -94,7 +118,7 @@ def main(argv=None):
   rng = np.random.default_rng(a.seed)
   eval_batch = mqar_batch(np.random.default_rng(10_000 + a.seed), 512, a.pairs, a.queries, a.n_keys, a.n_values)
   curve, t0 = [], time.time()
-  bar = tqdm.trange(1, a.steps + 1, desc=f"mqar {a.kind} L{a.layers} d{a.d_model} lr{a.lr:g}", mininterval=2.0)
+  bar = tqdm.trange(1, a.steps + 1, desc=f"mqar {a.kind} L{a.layers} d{a.d_model} lr{a.lr:g} conv{a.attn_conv}", mininterval=2.0)
   for i in bar:
     tokens, mask = mqar_batch(rng, a.batch, a.pairs, a.queries, a.n_keys, a.n_values)
     params, opt_state, loss, acc = step(params, opt_state, tokens, mask)
@@ -104,7 +128,7 @@ def main(argv=None):
       bar.set_postfix(loss=f"{float(loss):.3f}", eval_acc=f"{ev:.3f}")
   result = {"args": vars(a), "chance": 1 / a.n_values, "curve": curve}
   print(json.dumps({"final_eval_acc": curve[-1]["eval_acc"], "chance": result["chance"], **{
-      k: vars(a)[k] for k in ("kind", "layers", "d_model", "lr", "steps")}}))
+      k: vars(a)[k] for k in ("kind", "layers", "d_model", "lr", "steps", "attn_conv")}}))
   if a.out:
     with open(a.out, "w") as f:
       json.dump(result, f, indent=1)

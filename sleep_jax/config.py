@@ -50,6 +50,7 @@ class ModelConfig:
   # tokens), sliding (the last chunk_len - 1 tokens stay visible).
   eviction: str = "none"
   gdn_conv: int = 4  # short causal convolution width in GDN blocks
+  attn_conv: int = 0  # width of a short causal conv before attention's q/k/v (0: none)
   gdn_chunk: int = 64  # chunk size of the chunkwise gated delta rule
   compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32: master weights)
   remat: bool = True  # rematerialise each layer (and each sleep chunk); sleep passes always are
@@ -252,6 +253,9 @@ def _validate(cfg: Config) -> None:
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"bad value for config key '{key}': {value} must be >= 1")
+  if cfg.model.attn_conv < 0 or cfg.model.attn_conv > cfg.sleep.chunk_len:
+    raise ConfigError(f"bad value for config key 'model.attn_conv': {cfg.model.attn_conv} must be in "
+                      f"[0, sleep.chunk_len={cfg.sleep.chunk_len}]")
   cms = cfg.model.cms
   if len(cms.update_every) != len(cms.d_ff) or min(cms.update_every, default=1) < 1 or not cms.d_ff:
     raise ConfigError("bad value for config key 'model.cms.update_every': one positive entry per model.cms.d_ff level")

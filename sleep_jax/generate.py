@@ -72,6 +72,8 @@ def hybrid_init_cache(model, batch: int, cfg: Config) -> Cache:
       "S": model.zero_state(batch),
       "conv": tuple(jnp.zeros(model.conv_cache_shape(batch), dtype) for _ in model.gdn_groups),
       "kv": tuple((jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)) for _ in model.attn_groups),
+      "attn_conv": tuple(jnp.zeros((mc.pattern_repeats, batch, mc.attn_conv - 1, mc.d_model), dtype)
+                         for _ in model.attn_groups) if mc.attn_conv else (),
       "h": jnp.zeros((batch, L, mc.d_model), dtype),  # pass-1 output features of the chunk
       "passes": jnp.zeros((batch,), jnp.int32),  # extra (sleep) passes run so far, for logging
   }
@@ -102,11 +104,12 @@ def hybrid_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config):
   L = cfg.sleep.chunk_len
   t = cache["t"]
   h_B1D = model.embed_tokens(token_B[:, None])
-  h_B1D, S, conv, kv = model.decode_token(h_B1D, t, cache["S"], cache["conv"], cache["kv"], chunk_len=L,
-                                         sliding=check_eviction(cfg.model.eviction))
+  h_B1D, S, conv, kv, aconv = model.decode_token(h_B1D, t, cache["S"], cache["conv"], cache["kv"], chunk_len=L,
+                                                sliding=check_eviction(cfg.model.eviction),
+                                                attn_conv=cache["attn_conv"])
   logits_BV = model.logits(h_B1D)[:, 0]
   hbuf = jax.lax.dynamic_update_slice(cache["h"], h_B1D.astype(cache["h"].dtype), (0, t % L, 0))
-  cache = {**cache, "t": t + 1, "S": S, "conv": conv, "kv": kv, "h": hbuf}
+  cache = {**cache, "t": t + 1, "S": S, "conv": conv, "kv": kv, "h": hbuf, "attn_conv": aconv}
   cache = jax.lax.cond((t + 1) % L == 0, lambda c: _hybrid_sleep(model, c, cfg), lambda c: c, cache)
   return logits_BV, cache
 
@@ -116,7 +119,10 @@ def transformer_init_cache(model, batch: int, max_len: int, cfg: Config) -> Cach
   mc = cfg.model
   shape = (mc.n_layers, batch, mc.n_heads, max_len, mc.head_dim)  # heads before slots: see decode_attend
   dtype = jnp.dtype(mc.compute_dtype)
-  return {"t": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  cache = {"t": jnp.zeros((), jnp.int32), "k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if mc.attn_conv:  # the last attn_conv - 1 attention inputs of each layer
+    cache["conv"] = jnp.zeros((mc.n_layers, batch, mc.attn_conv - 1, mc.d_model), dtype)
+  return cache
 
 
 def transformer_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config):
@@ -129,16 +135,21 @@ def transformer_decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config
   positions_B1 = jnp.full((B, 1), t, jnp.int32)
   mask_S = attention_mask(t[None], jnp.arange(ck.shape[3]), mc.eviction, cfg.sleep.chunk_len)[0]
   graphdef, state = nnx.split(model.blocks)
+  new = {"t": t + 1}
   for i in range(mc.n_layers):
     blk = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-    q, k, v = blk.attn.qkv(blk.attn_norm(h_B1D), positions_B1)
+    a_B1D = blk.attn_norm(h_B1D)
+    if blk.conv is not None:
+      a_B1D, conv_i = blk.conv.step(a_B1D, cache["conv"][i], t, mc.eviction, cfg.sleep.chunk_len)
+      new["conv"] = new.get("conv", cache["conv"]).at[i].set(conv_i.astype(cache["conv"].dtype))
+    q, k, v = blk.attn.qkv(a_B1D, positions_B1)
     ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2)[None].astype(ck.dtype), (i, 0, 0, t, 0))
     cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2)[None].astype(cv.dtype), (i, 0, 0, t, 0))
     h_B1D = h_B1D + decode_attend(blk.attn, q, ck[i].astype(q.dtype), cv[i].astype(q.dtype), mask_S)
     h_B1D = blk.mlp_residual(h_B1D)
   x = model.final_norm(h_B1D)
   logits_BV = jnp.einsum("btd,dv->btv", x, model.unembed[...].astype(x.dtype)).astype(jnp.float32)[:, 0]
-  return logits_BV, {"t": t + 1, "k": ck, "v": cv}
+  return logits_BV, {**new, "k": ck, "v": cv}
 
 
 # -- generic driver ------------------------------------------------------------------------

@@ -19,11 +19,12 @@ def rule110_prompt(B=2, K=3, W=8, L=8):
   return np.stack([rule110.sample(rng, K=K, W=W, steps=1, chunk_len=L)["tokens"] for _ in range(B)])
 
 
-@pytest.mark.parametrize("eviction,passes", [("hard", 3), ("sliding", 2)])
-def test_greedy_decode_reproduces_sleep_forward(eviction, passes):
+@pytest.mark.parametrize("eviction,passes,attn_conv", [("hard", 3, 0), ("sliding", 2, 0), ("sliding", 2, 3)])
+def test_greedy_decode_reproduces_sleep_forward(eviction, passes, attn_conv):
   """Token by token with sleeps every L tokens == Algorithm 1 over the decoded sequence with
   every full chunk consolidating (logits of every position, and the greedy choices)."""
   cfg = tiny_cfg(eviction, passes=passes)
+  cfg.model.attn_conv = attn_conv  # a short conv before attention, its own decode cache
   model = make_model(cfg)
   tokens = rule110_prompt()  # T = 3*8 + 1 + 3 = 28
   prompt, steps = jnp.asarray(tokens[:, :20]), 10
@@ -41,9 +42,11 @@ def test_greedy_decode_reproduces_sleep_forward(eviction, passes):
       model, x, jnp.ones(x.shape, jnp.int32), cfg))(inputs))[:, 8:]).max() > 1e-3
 
 
-def test_transformer_decode_matches_forward():
+@pytest.mark.parametrize("eviction,attn_conv", [("sliding", 0), ("hard", 3), ("none", 4)])
+def test_transformer_decode_matches_forward(eviction, attn_conv):
   cfg = Config(model=ModelConfig(kind="transformer", vocab_size=8, d_model=32, n_heads=2, head_dim=16, d_ff=64,
-                                 n_layers=2, eviction="sliding", init_std=0.2), sleep=SleepConfig(chunk_len=6))
+                                 n_layers=2, eviction=eviction, init_std=0.2, attn_conv=attn_conv),
+               sleep=SleepConfig(chunk_len=6))
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   prompt = jnp.asarray(rule110_prompt(K=2, W=6, L=6))[:, :10]
   out, logits = generate(model, prompt, cfg, steps=6, return_logits=True)

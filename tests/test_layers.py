@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sleep_jax.models.layers import Attention, attention_mask
+from sleep_jax.models.layers import Attention, ShortConv, attention_mask
 from sleep_jax.ops.dense import dense
 
 
@@ -63,3 +63,24 @@ def test_block_attention_grads_match_unblocked():
                             argnums=(0, 1, 2)))(q, k, v) for n in (1, 4)]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("eviction", ["none", "hard"])
+def test_short_conv_matches_numpy_and_steps(eviction):
+  W, L, B, T, D = 3, 4, 2, 10, 5
+  conv = ShortConv(W, D, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(B, T, D)).astype(np.float32)
+  pos = np.broadcast_to(np.arange(T), (B, T))
+  w = np.asarray(conv.w[...])
+  want = x.copy()
+  for t in range(T):
+    for i in range(W):
+      if t - i >= 0 and (eviction == "none" or (t - i) // L == t // L):
+        want[:, t] += w[i] * x[:, t - i]
+  got = conv(jnp.asarray(x), jnp.asarray(pos), eviction, L)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  cache, steps = jnp.zeros((B, W - 1, D)), []
+  for t in range(T):  # the decoder's path: one token at a time
+    y, cache = conv.step(jnp.asarray(x[:, t:t + 1]), cache, jnp.asarray(t), eviction, L)
+    steps.append(y)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=1e-6)

@@ -62,8 +62,9 @@ def test_expert_activation_preserves_logits(top_k):
   assert float(jnp.max(jnp.abs(_logits(cfg, p2, TOKENS) - before))) > 1e-3
 
 
-def test_model_growth_preserves_logits():
-  cfg = _cfg()
+@pytest.mark.parametrize("attn_conv", [0, 3])
+def test_model_growth_preserves_logits(attn_conv):
+  cfg = _cfg(f"model.attn_conv={attn_conv}")  # the short conv is depthwise: tiled, never divided
   _, params = _params_with_trained_fast_expert(cfg)
   params = expand.set_expert(params, 1, 0, active=True)
   scfg = expand.student_config(cfg)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from sleep_jax.config import ModelConfig
 from sleep_jax.models.layers import MLP, Attention, RMSNorm, param
-from sleep_jax.models.transformer import Block, Transformer
+from sleep_jax.models.transformer import Block, Transformer, short_conv
 
 
 class LowRankExpert(nnx.Module):
@@ -77,6 +77,7 @@ class CMSBlock(Block):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std, rope_base=cfg.rope_base)
+    self.conv = short_conv(cfg, rngs)
     self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std) for f in cfg.cms.d_ff])
 
   def mlp_residual(self, x_BTD):

@@ -25,7 +25,7 @@ from flax import nnx
 
 from sleep_jax.config import ModelConfig
 from sleep_jax.models.gdn import GatedDeltaNet
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, param
+from sleep_jax.models.layers import MLP, Attention, RMSNorm, ShortConv, attention_mask, param
 from sleep_jax.models.transformer import stacked
 
 
@@ -35,6 +35,9 @@ class HybridBlock(nnx.Module):
   def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
     self.kind = kind
     self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs)
+    # model.attn_conv: a short conv before attention's q/k/v (layers.ShortConv). Its taps stay
+    # inside the chunk whatever the eviction: only K/V, never inputs, cross a chunk boundary.
+    self.conv = ShortConv(cfg.attn_conv, cfg.d_model, rngs=rngs) if kind == "attn" and cfg.attn_conv else None
     if kind == "attn":
       self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std,
                             rope_base=cfg.rope_base)
@@ -141,6 +144,8 @@ class HybridLM(nnx.Module):
           y, S_new = blk.gdn(x, S_r[len(S_out)])
           S_out.append(S_new)
         else:
+          if blk.conv is not None:
+            x = blk.conv(x, positions_BL, "hard", chunk_len)
           c = ctx_r[len(kv_out)] if ctx_r else None
           y, kv = chunk_attention(blk.attn, x, positions_BL, c, ctx_valid, chunk_len)
           kv_out.append(kv)
@@ -161,14 +166,16 @@ class HybridLM(nnx.Module):
     return h_BLD, S_new, kv
 
   # -- one token (wake decoding) -----------------------------------------------------------
-  def decode_token(self, h_B1D, t, S, conv, kv, *, chunk_len: int, sliding: bool):
+  def decode_token(self, h_B1D, t, S, conv, kv, *, chunk_len: int, sliding: bool, attn_conv=()):
     """One token at absolute position t through the stack (pass-1 semantics).
 
     S, conv: tuples over GDN groups of [R, B, H, V, K] / [R, B, W-1, H, 3K] (the conv cache
     must already be zero at a chunk's first token). kv: tuple over attention groups of
     (k, v) [R, B, H, Lc, K] with Lc = L (hard) or 2L (sliding: slots [0, L) hold the previous
     chunk, [L, 2L) the current one); this token's k, v are written at slot Lc - L + t % L.
-    Returns (h_B1D, S, conv, kv) with this token's entries written.
+    attn_conv: tuple over attention groups of [R, B, W-1, D], the last inputs of each
+    attention layer's short conv (empty without model.attn_conv).
+    Returns (h_B1D, S, conv, kv, attn_conv) with this token's entries written.
     """
     L = chunk_len
     B = h_B1D.shape[0]
@@ -180,7 +187,7 @@ class HybridLM(nnx.Module):
     if sliding:  # previous chunk's slot j holds position t - r_ - L + j: visible iff j > r_
       mask_S |= (j < L) & (j > r_) & (t >= L)
     positions_B1 = jnp.full((B, 1), t, jnp.int32)
-    S, conv, kv = list(S), list(conv), [list(c) for c in kv]
+    S, conv, kv, aconv = list(S), list(conv), [list(c) for c in kv], list(attn_conv)
     splits = [nnx.split(g) for g in self.groups]
     for r in range(self.cfg.pattern_repeats):
       gi = ai = 0
@@ -195,6 +202,9 @@ class HybridLM(nnx.Module):
           conv[gi] = conv[gi].at[r].set(conv_new.astype(conv[gi].dtype))
           gi += 1
         else:
+          if blk.conv is not None:
+            x_B1D, ac = blk.conv.step(x_B1D, aconv[ai][r], t, "hard", L)
+            aconv[ai] = aconv[ai].at[r].set(ac.astype(aconv[ai].dtype))
           q, k, v = blk.attn.qkv(x_B1D, positions_B1)
           ck, cv = kv[ai]
           to_cache = lambda x: jnp.swapaxes(x, 1, 2)[None].astype(ck.dtype)  # [1, B, H, 1, K]
@@ -204,7 +214,7 @@ class HybridLM(nnx.Module):
           y_B1D = decode_attend(blk.attn, q, ck[r].astype(q.dtype), cv[r].astype(q.dtype), mask_S)
           ai += 1
         h_B1D = blk.mlp_residual(h_B1D + y_B1D)
-    return h_B1D, tuple(S), tuple(conv), tuple(tuple(c) for c in kv)
+    return h_B1D, tuple(S), tuple(conv), tuple(tuple(c) for c in kv), tuple(aconv)
 
   def conv_cache_shape(self, batch: int) -> tuple[int, ...]:
     c = self.cfg

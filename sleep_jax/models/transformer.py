@@ -13,7 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.config import ModelConfig
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, param
+from sleep_jax.models.layers import MLP, Attention, RMSNorm, ShortConv, param
+
+
+def short_conv(cfg: ModelConfig, rngs: nnx.Rngs) -> ShortConv | None:
+  return ShortConv(cfg.attn_conv, cfg.d_model, rngs=rngs) if cfg.attn_conv else None
 
 
 class Block(nnx.Module):
@@ -22,12 +26,18 @@ class Block(nnx.Module):
     self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std, rope_base=cfg.rope_base)
     self.mlp_norm = RMSNorm(cfg.d_model, rngs=rngs)
     self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std)
+    self.conv = short_conv(cfg, rngs)
+
+  def attn_input(self, x_BTD, positions_BT, eviction: str, chunk_len: int):
+    a_BTD = self.attn_norm(x_BTD)
+    return a_BTD if self.conv is None else self.conv(a_BTD, positions_BT, eviction, chunk_len)
 
   def mlp_residual(self, x_BTD):
     return x_BTD + self.mlp(self.mlp_norm(x_BTD))
 
   def __call__(self, x_BTD, positions_BT, eviction: str, chunk_len: int):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT, eviction, chunk_len)
+    x_BTD = x_BTD + self.attn(self.attn_input(x_BTD, positions_BT, eviction, chunk_len), positions_BT,
+                              eviction, chunk_len)
     return self.mlp_residual(x_BTD)
 
 
