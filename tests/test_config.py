@@ -32,6 +32,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["mesh.tensor=0"], "bad value for config key 'mesh.tensor'"),
     (["train.batch_size=30", "train.grad_accum=4"], "bad value for config key 'train.grad_accum'"),
     (["train.steps"], "not of the form key=value"),
+    (["model.attn_conv=-1"], "bad value for config key 'model.attn_conv'"),
 ])
 def test_bad_overrides_name_the_key(overrides, expected):
   with pytest.raises(ConfigError) as e:
