@@ -1,6 +1,9 @@
 """How well the dreaming base model reads: the figures behind README's continual-learning remark.
 
-    python experiments/diagnose_dreams.py [RUN_DIR]      (default runs/continual)
+    python experiments/diagnose_dreams.py [RUN_DIR [METHOD]]      (default runs/continual)
+
+With METHOD, the model is that method's after its last day (RUN_DIR/methods/METHOD), so
+what its writes did to reading shows.
 
 Restores RUN_DIR/base (the pre-trained CMS model of `sleep-jax dream`), then prints
   * per-token accuracy of the attribute symbols it must copy from a passage (reading rows
@@ -36,6 +39,13 @@ def main() -> None:
   step, state, _ = Checkpointer(os.path.join(run_dir, "base"), keep=5, async_save=False).restore_latest(
       trainer.abstract_state)
   params, world = state["params"], DayWorld(**cfg.dreaming.world)
+  if len(sys.argv) > 2:  # a method's params after its last day (the checkpoint also holds gen, opt)
+    ck = Checkpointer(os.path.join(run_dir, "methods", sys.argv[2]), keep=1, async_save=False)
+    day, mstate, _ = ck.restore_latest(None)
+    saved = jax.tree_util.tree_leaves(mstate["params"])  # orbax turns list indices into str keys
+    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
+                                          [jnp.asarray(b, a.dtype) for a, b in zip(jax.tree_util.tree_leaves(params), saved)])
+    print(f"{sys.argv[2]} after day {day - 1}:")
   tokens, mask = world.pretrain_batch(123, 0, 64)
   logits = nnx.merge(trainer.graphdef, params)(jnp.asarray(tokens[:, :-1]))
   ok = np.asarray(jnp.argmax(logits, -1)) == tokens[:, 1:]

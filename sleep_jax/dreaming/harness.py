@@ -9,8 +9,9 @@ for the old facts. Methods:
   dream     m dreams, no selection, no RL, written into a new slow-level CMS expert
   sleep     `rounds` of dream -> select (top-k + b random by gradient norm) -> isolated LoRA
             copies (vmapped) -> reward -> ReST-EM on the generator's LoRA; then a last
-            dream/select/reward pass and the rewarded dreams are written into a new
-            slow-level expert (expansion: every other weight stays bit-identical)
+            dream/select/reward pass, and the rewarded dreams of every round (the night's
+            useful dreams, not only the last round's) are written into a new slow-level
+            expert (expansion: every other weight stays bit-identical)
 """
 
 from __future__ import annotations
@@ -152,12 +153,15 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
     tokens, mask, _ = dreamer.dream(params, None, day, rng)
     params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), jax.random.fold_in(rng, 99))
   elif method == "sleep":
-    rewarded = []
-    for r in range(dc.rounds + 1):  # the last pass only collects the dreams to write
+    rewarded, night = [], []
+    for r in range(dc.rounds + 1):  # the last pass only collects dreams, with no ReST step
       gen, opt, tokens, mask, weights = dreamer.sleep_round(params, gen, opt, day, jax.random.fold_in(rng, r), np_rng,
                                                             rest=r < dc.rounds)
       rewarded.append(float(weights.sum()))
+      night.append((tokens, mask, weights))
     info["rewarded_dreams"] = rewarded
+    # Unrewarded rows have weight 0: they cost compute in the write but carry no loss.
+    tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
     params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99))
   return params, gen, opt, info
 
