@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from sleep_jax.data.days import DayWorld
 from sleep_jax.data.facts import QUERY, SEP
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
-from sleep_jax.dreaming.harness import sft_loop
+from sleep_jax.dreaming.harness import run_day, sft_loop
 from sleep_jax.models import model_factory
 from sleep_jax.seeding import expand
 
@@ -169,3 +170,25 @@ def test_replay_targets_are_the_models_own_greedy_beliefs(model):
   pred = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(out[:, :-1]), -1))
   np.testing.assert_array_equal(pred[target], np.asarray(out)[:, 1:][target])
   assert (np.asarray(out) != np.asarray(tokens)).any()  # an untrained model disagrees with the table
+
+
+def test_sleep_writes_the_rewarded_dreams_of_every_round():
+  """run_day('sleep') writes what every round rewarded (weights kept), not the last round's only."""
+  class FakeDreamer:  # round r dreams two texts of token r; the first of each is rewarded
+    cfg = SimpleNamespace(dreaming=SimpleNamespace(rounds=2))
+    rests, written = [], None
+
+    def sleep_round(self, params, gen, opt, day, rng, np_rng, *, rest):
+      self.rests.append(rest)
+      r = len(self.rests) - 1
+      return gen, opt, jnp.full((2, 3), r), jnp.ones((2, 3), jnp.int32), jnp.array([1.0, 0.0])
+
+    def write_expert(self, params, tokens, mask, weights, rng):
+      self.written = (np.asarray(tokens), np.asarray(weights))
+      return params
+
+  d = FakeDreamer()
+  _, _, _, info = run_day(d, "sleep", {}, None, None, 0, 0)
+  tokens, weights = d.written
+  assert d.rests == [True, True, False] and info["rewarded_dreams"] == [1.0, 1.0, 1.0]
+  assert tokens[:, 0].tolist() == [0, 0, 1, 1, 2, 2] and weights.tolist() == [1, 0, 1, 0, 1, 0]
