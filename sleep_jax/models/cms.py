@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.config import ModelConfig
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, param
-from sleep_jax.models.transformer import Block, Transformer, short_conv
+from sleep_jax.models.layers import MLP, Attention, RMSNorm, param, short_conv
+from sleep_jax.models.transformer import Block, Transformer
 
 
 class LowRankExpert(nnx.Module):

@@ -25,7 +25,7 @@ from flax import nnx
 
 from sleep_jax.config import ModelConfig
 from sleep_jax.models.gdn import GatedDeltaNet
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, ShortConv, attention_mask, param
+from sleep_jax.models.layers import MLP, Attention, RMSNorm, attention_mask, param, short_conv
 from sleep_jax.models.transformer import stacked
 
 
@@ -37,7 +37,7 @@ class HybridBlock(nnx.Module):
     self.mixer_norm = RMSNorm(cfg.d_model, rngs=rngs)
     # model.attn_conv: a short conv before attention's q/k/v (layers.ShortConv). Its taps stay
     # inside the chunk whatever the eviction: only K/V, never inputs, cross a chunk boundary.
-    self.conv = ShortConv(cfg.attn_conv, cfg.d_model, rngs=rngs) if kind == "attn" and cfg.attn_conv else None
+    self.conv = short_conv(cfg, rngs) if kind == "attn" else None
     if kind == "attn":
       self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std,
                             rope_base=cfg.rope_base)

@@ -89,6 +89,11 @@ class ShortConv(nnx.Module):
     return y, xp[:, 1:]
 
 
+def short_conv(cfg, rngs: nnx.Rngs) -> ShortConv | None:
+  """The attention input's ShortConv of a ModelConfig (None when model.attn_conv is 0)."""
+  return ShortConv(cfg.attn_conv, cfg.d_model, rngs=rngs) if cfg.attn_conv else None
+
+
 def rope(x_BTHK: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
   """Rotary position embedding (half-split convention)."""
   half = x_BTHK.shape[-1] // 2

@@ -13,11 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.config import ModelConfig
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, ShortConv, param
-
-
-def short_conv(cfg: ModelConfig, rngs: nnx.Rngs) -> ShortConv | None:
-  return ShortConv(cfg.attn_conv, cfg.d_model, rngs=rngs) if cfg.attn_conv else None
+from sleep_jax.models.layers import MLP, Attention, RMSNorm, param, short_conv
 
 
 class Block(nnx.Module):

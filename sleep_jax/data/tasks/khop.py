@@ -11,9 +11,9 @@ right. graph="permutation" makes the successor map a random permutation: the k-h
 then uniform over the nodes (chance 1/n_nodes at every k), a cleaner test of composition.
 The n_nodes edges are shuffled and split as evenly as possible over the C chunks, whole
 edges only (an edge cut by an eviction would be a different, harder task), PAD filling each
-chunk's tail. The
-query comes only after the last eviction: the start node and a hop-count token hk (one
-token per k, so k is not spelled in digits); the single answer token is the node reached.
+chunk's tail. The query comes only after the last eviction: the start node and a hop-count
+token hk (one token per k, so k is not spelled in digits); the single answer token is the
+node reached.
 
 Difficulty is `hops`. For training on a range, leave hops=None and k is drawn uniformly
 from [hops_min, hops_max] for every example (the paper trains on k in 1..16); set hops to
