@@ -171,8 +171,15 @@ class DreamingConfig:
   rest_lr: float = 3.0e-3
   write_steps: int = 100  # steps of the day's knowledge write (finetune, dream, sleep)
   write_lr: float = 3.0e-3
+  write_batch: int = 0  # texts per write step, drawn by loss weight (0: every text, every step)
   replay: int = 16  # closed-book texts the model writes unprompted, rehearsed during a write (0: off)
+  reading_replay: bool = True  # a write also rehearses the night's dreams in context (keeps reading intact)
+  rotate: bool = True  # a write sees each text in every cyclic order of its statements (dreams.rotations)
   finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step
+  # Every method lives through the days once per dreaming seed (the base model is trained
+  # once, with `seed`); results report the mean and spread over seeds. Seed s draws its
+  # dreams, selections and replay from `seed + 1000 * s` (s = 0 is the single-seed run).
+  seeds: int = 1
 
 
 @dataclass

@@ -119,6 +119,20 @@ def test_sft_loop_moves_only_trainable_leaves(model):
                             np.asarray(out["blocks"]["levels"][1]["experts"][0]["b"]))
 
 
+def test_minibatch_write_draws_rows_by_loss_weight(model):
+  """With all loss weight on one row, every drawn minibatch is copies of that row: the
+  minibatched write equals full-batch training on that row alone (a weight-0 row is never
+  drawn)."""
+  cfg, graphdef, params, world = model
+  tokens, mask = _dream_batch(world, 3, seed=2)
+  mask = mask * jnp.array([0, 1, 0])[:, None]
+  ones = jax.tree.map(lambda _: jnp.float32(1), params)
+  mb = sft_loop(graphdef, params, tokens, mask, ones, jax.random.key(4), lr=1e-2, steps=3, batch=5)
+  alone = sft_loop(graphdef, params, tokens[1:2], mask[1:2], ones, lr=1e-2, steps=3)
+  for a, b in zip(jax.tree.leaves(mb), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_probes_are_answerable_from_their_passages():
   world = DayWorld(days=3, per_day=6)
   for day in range(world.days):
@@ -149,7 +163,7 @@ def test_dream_cli_runs_resumes_and_rejects_bad_methods(tmp_path):
   assert speed["max_abs_diff"] < 1e-4 and speed["speedup"] > 0
   base = rows[0]
   assert base["backward_transfer"] == 0.0 and base["forgetting"] == 0.0  # no update, nothing moves
-  assert (run / "results.png").exists() and (run / "methods/sleep/day1.json").exists()
+  assert (run / "results.png").exists() and (run / "methods/sleep/seed0/day1.json").exists()
   again = subprocess.run(cmd, env=subprocess_env(2), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and json.loads((run / "results.json").read_text()) == rows
   bad = subprocess.run(cmd + ["dreaming.methods=[base,nap]"], env=subprocess_env(2), cwd=REPO, capture_output=True,
@@ -183,7 +197,7 @@ def test_sleep_writes_the_rewarded_dreams_of_every_round():
       r = len(self.rests) - 1
       return gen, opt, jnp.full((2, 3), r), jnp.ones((2, 3), jnp.int32), jnp.array([1.0, 0.0])
 
-    def write_expert(self, params, tokens, mask, weights, rng):
+    def write_expert(self, params, tokens, mask, weights, rng, day):
       self.written = (np.asarray(tokens), np.asarray(weights))
       return params
 
@@ -192,3 +206,54 @@ def test_sleep_writes_the_rewarded_dreams_of_every_round():
   tokens, weights = d.written
   assert d.rests == [True, True, False] and info["rewarded_dreams"] == [1.0, 1.0, 1.0]
   assert tokens[:, 0].tolist() == [0, 0, 1, 1, 2, 2] and weights.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_rotations_put_every_statement_at_every_position():
+  """Rotation k of a text holds statement (j - k) mod n at slot j, with BOS kept, and the
+  closed-book loss mask maps onto itself."""
+  world = DayWorld(n_old=8, n_pool=8, n_relations=1, attr_len=2, n_symbols=6, days=2, per_day=4, qa_per_example=3)
+  tokens, mask = _dream_batch(world, 2, seed=5)
+  S, n = world.stmt_len, world.qa_per_example
+  rot = np.asarray(D.rotations(tokens, S))
+  assert rot.shape == (n * 2, tokens.shape[1])
+  stmts = np.asarray(tokens)[:, 1:].reshape(2, n, S)
+  for k in range(n):
+    for b in range(2):
+      row = rot[k * 2 + b]
+      assert row[0] == np.asarray(tokens)[b, 0]
+      for j in range(n):
+        np.testing.assert_array_equal(row[1 + j * S:1 + (j + 1) * S], stmts[b, (j - k) % n])
+  np.testing.assert_array_equal(np.asarray(D.rotations(mask, S)), np.tile(np.asarray(mask), (n, 1)))
+
+
+def test_rows_report_the_mean_and_spread_over_dreaming_seeds():
+  from sleep_jax.dreaming.run import over_seeds, summarize
+  R0, R1 = np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([[0.5, 0.0], [0.5, 1.0]])
+  per_seed = [{"method": "sleep", **summarize(R, old), "wall_s": 2.0, "per_day_new": [R[0, 0], R[1, 1]],
+               "per_day_old": [1.0, old]} for R, old in ((R0, 0.75), (R1, 0.25))]
+  assert per_seed[0]["backward_transfer"] == -0.5 and per_seed[1]["forgetting"] == 0.0
+  row = over_seeds(per_seed)
+  assert row["seeds"] == 2 and row["wall_s"] == 4.0
+  assert row["new_accuracy"] == 0.75 and row["new_accuracy_std"] == 0.0  # (1 + .5) / 2 and (.5 + 1) / 2
+  assert row["old_accuracy"] == 0.5 and row["old_accuracy_std"] == 0.25
+  assert row["backward_transfer"] == -0.25 and row["per_day_new"] == [0.75, 0.75]
+  assert [r["old_accuracy"] for r in row["per_seed"]] == [0.75, 0.25]
+
+
+def test_reading_replay_rows_are_the_dreams_back_in_context(model):
+  """Each row is the day's passage then the dream; only the dream's attribute symbols are
+  targets, relabelled to the model's own greedy reading; every other token is kept."""
+  from sleep_jax.dreaming.harness import Dreamer
+  cfg, graphdef, params, world = model
+  tokens, _ = _dream_batch(world, 3, seed=4)
+  rows, mask = Dreamer(cfg, graphdef, world).reading_rows(params, 1, tokens)
+  rows, mask = np.asarray(rows), np.asarray(mask)
+  P = world.passage_len
+  assert rows.shape == (3, P + tokens.shape[1] - 1) and mask.shape == rows.shape
+  np.testing.assert_array_equal(rows[:, :P], np.broadcast_to(world.day_passage(1), (3, P)))
+  np.testing.assert_array_equal(mask[:, P:], np.broadcast_to(world.attr_mask(world.qa_per_example), (3, rows.shape[1] - P)))
+  assert mask[:, :P].sum() == 0
+  kept = mask[:, P:] == 0
+  np.testing.assert_array_equal(rows[:, P:][kept], np.asarray(tokens)[:, 1:][kept])
+  pred = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(jnp.asarray(rows[:, :-1])), -1))
+  np.testing.assert_array_equal(pred[mask[:, 1:] == 1], rows[:, 1:][mask[:, 1:] == 1])

@@ -117,7 +117,9 @@ class DayWorld:
         pairs = old[rng.integers(0, len(old), q)]
         seq = np.concatenate([[BOS], self.qa(pairs, self.facts.table[pairs[:, 0], pairs[:, 1]]).reshape(-1)])
         tokens[b, :len(seq)] = seq
-        mask[b, 1:len(seq)] = self.attr_mask(q)
+        # The whole statement is a target, the entity too: what the model writes after
+        # `BOS QUERY` unprompted must be the facts it knows (generative replay samples there).
+        mask[b, 1:len(seq)] = 1
       else:  # reading: a passage with fresh attributes, then some of its facts restated
         ents = self.n_old + rng.choice(self.n_pool, self.per_day, replace=False)
         pairs = np.stack(np.meshgrid(ents, np.arange(self.n_relations), indexing="ij"), -1).reshape(-1, 2)

@@ -60,6 +60,20 @@ def closed_book(dreams_MN: jax.Array, attr_mask_N: jax.Array) -> tuple[jax.Array
   return tokens, jnp.broadcast_to(mask, tokens.shape)
 
 
+def rotations(tokens_BT: jax.Array, stmt_len: int) -> jax.Array:
+  """Every cyclic rotation of the statements after BOS: [n_stmts * B, T], rotation-major.
+
+  A closed-book probe asks a fact as the first statement after BOS, but a dream states it
+  wherever it happened to sample it; these small models do not carry a fact written at one
+  position to another, so a write sees every statement at every position. The loss mask of
+  a closed-book text is the same for every statement, so it rotates onto itself.
+  """
+  B, T = tokens_BT.shape
+  body = tokens_BT[:, 1:].reshape(B, (T - 1) // stmt_len, stmt_len)
+  return jnp.concatenate([jnp.concatenate([tokens_BT[:, :1], jnp.roll(body, k, axis=1).reshape(B, T - 1)], 1)
+                          for k in range(body.shape[1])])
+
+
 def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *, span: int) -> jax.Array:
   """tokens with every masked (target) position replaced by the model's own greedy choice.
 

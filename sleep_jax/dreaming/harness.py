@@ -34,22 +34,35 @@ from sleep_jax.seeding import expand, steps as seed_steps
 METHODS = ("base", "finetune", "dream", "sleep")
 
 
-def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, *, lr: float, steps: int):
-  """`steps` Adam steps of full-batch SFT as one lax.scan (one compile for every day). Only
-  leaves with trainable = 1 move: their gradients are masked before Adam, so the others get
-  exactly zero updates and stay bit-identical."""
+def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: float, steps: int, batch: int = 0):
+  """`steps` Adam steps of SFT as one lax.scan (one compile for every day). Only leaves with
+  trainable = 1 move: their gradients are masked before Adam, so the others get exactly zero
+  updates and stay bit-identical.
+
+  batch = 0 trains on every row each step. Otherwise each step draws `batch` rows with
+  replacement, each with probability proportional to its loss weight (the row's mask sum, so
+  a row of weight 0 is never drawn): the same objective in expectation, and a write's cost no
+  longer grows with its number of texts (rotations x (dreams + replay)).
+  """
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  row_w = jnp.sum(mask_BT[:, 1:].astype(jnp.float32), -1)
+  rows_p = row_w / jnp.maximum(jnp.sum(row_w), 1e-9)
 
-  def body(carry, _):
+  def body(carry, key):
     p, opt = carry
-    g = jax.grad(D.sft_loss, argnums=1)(graphdef, p, tokens_BT, mask_BT)
+    t, m = tokens_BT, mask_BT
+    if batch:
+      idx = jax.random.choice(key, tokens_BT.shape[0], (batch,), p=rows_p)
+      t, m = t[idx], (m[idx] > 0).astype(m.dtype)
+    g = jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m)
     g = jax.tree.map(lambda x, t: x * t, g, trainable)
     upd, opt = tx.update(g, opt, p)
     upd = jax.tree.map(lambda u, t: jnp.where(t > 0, u, 0.0), upd, trainable)
     return (optax.apply_updates(p, upd), opt), None
 
-  (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+  keys = jax.random.split(jax.random.key(0) if rng is None else rng, steps)
+  (params, _), _ = jax.lax.scan(body, (params, tx.init(params)), keys)
   return params
 
 
@@ -83,7 +96,8 @@ class Dreamer:
         graphdef, p, start, rng, cfg=cfg, m=max(dc.replay, 1), length=world.dream_len, temperature=1.0,
         novelty=False))
     self.relabel = jax.jit(functools.partial(D.greedy_targets, graphdef, span=world.qa_per_example * world.attr_len))
-    self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps))
+    self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps,
+                                                batch=dc.write_batch))
     self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps))
 
   # -- one day of each method -------------------------------------------------------------
@@ -114,22 +128,50 @@ class Dreamer:
         gen, opt = self.rest_step(params, gen, opt, prompt, tokens[:, 1:], weights)
     return gen, opt, tokens, mask, weights
 
-  def write_expert(self, params, tokens, mask, weights, rng):
-    """Write dreams into a newly activated slow-level expert (only it trains), rehearsing
-    `dreaming.replay` closed-book texts the model writes from nothing before the write, with
-    the model's own greedy attributes as targets (generative replay: what it already knows
-    stays the target elsewhere)."""
-    if self.cfg.dreaming.replay:
+  def write_expert(self, params, tokens, mask, weights, rng, day: int):
+    """Write dreams into a newly activated slow-level expert (only it trains).
+
+    Two kinds of generative replay ride along, both the model's own text with its own
+    greedy beliefs as targets (what it already knows stays the target elsewhere):
+    * `dreaming.replay` closed-book texts it writes from nothing (its old facts);
+    * with `dreaming.reading_replay`, every dream of the night in context (the day's passage,
+      then the dream): a closed-book write otherwise also changes how the model reads, and
+      the next day's dreams come out wrong.
+    With `dreaming.rotate`, every closed-book text is written in each cyclic order of its
+    statements. Closed-book rows are right-padded to the in-context length (causal: padding
+    changes nothing before it).
+    """
+    dc = self.cfg.dreaming
+    reading = self.reading_rows(params, day, tokens) if dc.reading_replay else None
+    if dc.replay:
       replay, rmask = D.closed_book(self.replay(params, rng), self.attr_mask)
       replay = self.relabel(params, replay, rmask)
       tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
       weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
+    if dc.rotate:  # every statement at every position, as the probes ask at the first
+      n = self.world.qa_per_example
+      tokens = D.rotations(tokens, self.world.stmt_len)
+      mask, weights = jnp.tile(mask, (n, 1)), jnp.tile(weights, n)
+    mask = mask * weights[:, None].astype(mask.dtype)
+    if reading is not None:
+      pad = reading[0].shape[1] - tokens.shape[1]
+      tokens = jnp.concatenate([jnp.pad(tokens, ((0, 0), (0, pad))), reading[0]])
+      mask = jnp.concatenate([jnp.pad(mask, ((0, 0), (0, pad))), reading[1]])
     slow = len(params["blocks"]["levels"]) - 1
     slot = expand.next_free_slot(jax.device_get(params), slow)
     params = expand.set_expert(params, slow, slot, active=True)
     labels = seed_steps.train_labels(params, level=slow, slot=slot)
     trainable = jax.tree.map(lambda lab: jnp.float32(lab == "train"), labels)
-    return self.sft_expert(params, tokens, mask * weights[:, None].astype(mask.dtype), trainable)
+    return self.sft_expert(params, tokens, mask, trainable, jax.random.fold_in(rng, 1))
+
+  def reading_rows(self, params, day: int, closed_BT) -> tuple[jax.Array, jax.Array]:
+    """The night's dreams back in context: day passage + dream [M, P + N], targets the
+    model's own greedy reading of the attributes."""
+    passage = jnp.asarray(self.world.day_passage(day))
+    rows = jnp.concatenate([jnp.broadcast_to(passage, (closed_BT.shape[0], passage.shape[0])), closed_BT[:, 1:]], 1)
+    mask = jnp.concatenate([jnp.zeros(passage.shape[0], jnp.int32), self.attr_mask.astype(jnp.int32)])
+    mask = jnp.broadcast_to(mask, rows.shape)
+    return self.relabel(params, rows, mask), mask
 
   def finetune(self, params, day: int):
     passage = jnp.asarray(self.world.day_passage(day))[None]
@@ -151,7 +193,7 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
     params = dreamer.finetune(params, day)
   elif method == "dream":
     tokens, mask, _ = dreamer.dream(params, None, day, rng)
-    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), jax.random.fold_in(rng, 99))
+    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), jax.random.fold_in(rng, 99), day)
   elif method == "sleep":
     rewarded, night = [], []
     for r in range(dc.rounds + 1):  # the last pass only collects dreams, with no ReST step
@@ -162,7 +204,7 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
     info["rewarded_dreams"] = rewarded
     # Unrewarded rows have weight 0: they cost compute in the write but carry no loss.
     tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
-    params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99))
+    params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99), day)
   return params, gen, opt, info
 
 

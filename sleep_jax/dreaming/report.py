@@ -9,9 +9,18 @@ COLUMNS = ("method", "new_accuracy", "old_accuracy", "backward_transfer", "forge
 
 
 def markdown(rows: list[dict], speed: dict | None = None) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+  """The results table; with several dreaming seeds a cell reads `mean ± std (n seeds)`."""
+  def cell(r, c):
+    v = r.get(c, "")
+    if not isinstance(v, float):
+      return str(v)
+    std = r.get(f"{c}_std")
+    return f"{v:.3f} ± {std:.3f}" if std is not None and r.get("seeds", 1) > 1 else f"{v:.3f}"
+
+  seeds = max(r.get("seeds", 1) for r in rows)
+  lines = [f"Mean ± standard deviation over {seeds} dreaming seeds (one base model).", ""] if seeds > 1 else []
+  lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
   if speed:
     lines += ["", f"Isolated copies: vmapped {speed['speedup']:.2f}x faster than a sequential loop "
                   f"({speed['copies']} copies; {speed['vmapped_s']:.3f} s vs {speed['sequential_s']:.3f} s)."]
@@ -29,8 +38,10 @@ def plot(rows: list[dict], path: str) -> None:
     days = range(1, len(r["per_day_new"]) + 1)
     a.plot(days, r["per_day_new"], marker="o", label=r["method"])
     b.plot(days, r["per_day_old"], marker="o", label=r["method"])
-  a.set_title("new facts (that day's)")
-  b.set_title("old facts (pre-training)")
+  seeds = max(r.get("seeds", 1) for r in rows)
+  over = f", mean of {seeds} seeds" if seeds > 1 else ""
+  a.set_title(f"new facts (that day's{over})")
+  b.set_title(f"old facts (pre-training{over})")
   for ax in (a, b):
     ax.set_xlabel("day")
     ax.set_ylim(-0.02, 1.02)

@@ -3,9 +3,9 @@
 RUN_DIR/
   base/                    pre-training stage (closed-book old facts + reading)
   vmap_speedup.json        isolated copies: vmapped vs a sequential loop, same dreams
-  methods/<m>/day<d>.json  accuracy on every day's facts and on the old facts after day d
-  methods/<m>/checkpoints  params, generator adapter and its optimizer after each day
-  results.json / .md / .png
+  methods/<m>/seed<s>/day<d>.json  accuracy on every day's facts and on the old facts after day d
+  methods/<m>/seed<s>/checkpoints  params, generator adapter and its optimizer after each day
+  results.json / .md / .png        per method: the mean over dreaming seeds, their spread, each seed
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def _check(cfg: Config) -> DayWorld:
       raise ConfigError(f"bad value for config key 'dreaming.methods': unknown method {m!r} (known: {', '.join(METHODS)})")
   world = world_from_config(DayWorld, cfg.dreaming.world, "dreaming.world", cfg.model.vocab_size)
   dc = cfg.dreaming
+  if dc.seeds < 1:
+    raise ConfigError("bad value for config key 'dreaming.seeds': need at least 1")
   if dc.top_k + dc.random_extra > dc.dreams or dc.top_k < 1:
     raise ConfigError("bad value for config key 'dreaming.top_k': need 1 <= top_k and top_k + random_extra <= dreams")
   return world
@@ -69,22 +71,29 @@ def summarize(R: np.ndarray, old: float) -> dict:
   }
 
 
-def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base_params) -> dict:
-  mdir = os.path.join(cfg.run_dir, "methods", method)
+def dream_seed(cfg: Config, s: int) -> int:
+  return cfg.seed + 1000 * s
+
+
+def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base_params, s: int = 0) -> dict:
+  """One method through every day with dreaming seed s (resumes per day)."""
+  mdir = os.path.join(cfg.run_dir, "methods", method, f"seed{s}")
   os.makedirs(mdir, exist_ok=True)
-  init = {"params": base_params, "gen": lora_lib.init(base_params, jax.random.key(cfg.seed + 9), cfg.dreaming.lora_rank)}
+  seed = dream_seed(cfg, s)
+  init = {"params": base_params, "gen": lora_lib.init(base_params, jax.random.key(seed + 9), cfg.dreaming.lora_rank)}
   init["opt"] = dreamer.rest_tx.init(init["gen"])
   ck = Checkpointer(mdir, keep=1, async_save=False)
   restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))
   done, state = (0, init) if restored is None else (restored[0], restored[1])
   for day in range(done, world.days):
     t0 = time.perf_counter()
-    params, gen, opt, info = run_day(dreamer, method, state["params"], state["gen"], state["opt"], day, cfg.seed)
+    params, gen, opt, info = run_day(dreamer, method, state["params"], state["gen"], state["opt"], day, seed)
     state = {"params": params, "gen": gen, "opt": opt}
     row = {"day": day, "wall_s": time.perf_counter() - t0, **info,
            "day_accuracy": [dreamer.accuracy(params, world.day_pairs(d)) for d in range(world.days)],
            "old_accuracy": dreamer.accuracy(params, world.old_pairs())}
-    log.info("%s day %d: new %.3f old %.3f %s", method, day, row["day_accuracy"][day], row["old_accuracy"], info)
+    log.info("%s seed %d day %d: new %.3f old %.3f %s", method, s, day, row["day_accuracy"][day], row["old_accuracy"],
+             info)
     if jax.process_index() == 0:
       with open(os.path.join(mdir, f"day{day}.json"), "w") as f:
         json.dump(row, f)
@@ -97,6 +106,23 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   R = np.array([r["day_accuracy"] for r in rows])
   return {"method": method, **summarize(R, rows[-1]["old_accuracy"]), "wall_s": sum(r["wall_s"] for r in rows),
           "per_day_new": [float(R[d, d]) for d in range(world.days)], "per_day_old": [r["old_accuracy"] for r in rows]}
+
+
+METRICS = ("new_accuracy", "old_accuracy", "backward_transfer", "forgetting")
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+  """One method's row: every metric's mean over dreaming seeds, its standard deviation
+  (`<metric>_std`, 0 for one seed), the per-seed values, and the total wall time."""
+  row = {"method": per_seed[0]["method"], "seeds": len(per_seed)}
+  for k in METRICS:
+    v = np.array([r[k] for r in per_seed])
+    row[k], row[f"{k}_std"] = float(v.mean()), float(v.std())
+  row["wall_s"] = float(sum(r["wall_s"] for r in per_seed))
+  for k in ("per_day_new", "per_day_old"):
+    row[k] = np.mean([r[k] for r in per_seed], axis=0).tolist()
+  row["per_seed"] = [{k: r[k] for k in METRICS} for r in per_seed]
+  return row
 
 
 def run_dream(cfg: Config) -> tuple[list[dict], dict]:
@@ -118,7 +144,8 @@ def run_dream(cfg: Config) -> tuple[list[dict], dict]:
         json.dump(speed, f, indent=2)
   log.info("isolated copies: vmapped %.2fx faster than a sequential loop (%d copies, max |diff| %.1e)",
            speed["speedup"], speed["copies"], speed["max_abs_diff"])
-  rows = [run_method(cfg, world, dreamer, m, base_params) for m in cfg.dreaming.methods]
+  rows = [over_seeds([run_method(cfg, world, dreamer, m, base_params, s) for s in range(cfg.dreaming.seeds)])
+          for m in cfg.dreaming.methods]
   rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
   if jax.process_index() == 0:
     report.write(cfg.run_dir, rows, speed)
