@@ -174,6 +174,7 @@ class DreamingConfig:
   write_batch: int = 0  # texts per write step, drawn by loss weight (0: every text, every step)
   replay: int = 16  # closed-book texts the model writes unprompted, rehearsed during a write (0: off)
   reading_replay: bool = True  # a write also rehearses the night's dreams in context (keeps reading intact)
+  write_targets: str = "attributes"  # closed-book write targets: "attributes" or whole "statements"
   rotate: bool = True  # a write sees each text in every cyclic order of its statements (dreams.rotations)
   finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step
   # Every method lives through the days once per dreaming seed (the base model is trained

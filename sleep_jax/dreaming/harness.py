@@ -137,7 +137,10 @@ class Dreamer:
     * with `dreaming.reading_replay`, every dream of the night in context (the day's passage,
       then the dream): a closed-book write otherwise also changes how the model reads, and
       the next day's dreams come out wrong.
-    With `dreaming.rotate`, every closed-book text is written in each cyclic order of its
+    With `dreaming.write_targets=statements` a closed-book text's whole statements are
+    targets (as in pre-training), not only their attributes: the model then writes these
+    facts unprompted, so the next nights' generative replay rehearses them too. With
+    `dreaming.rotate`, every closed-book text is written in each cyclic order of its
     statements. Closed-book rows are right-padded to the in-context length (causal: padding
     changes nothing before it).
     """
@@ -148,6 +151,8 @@ class Dreamer:
       replay = self.relabel(params, replay, rmask)
       tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
       weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
+    if dc.write_targets == "statements":  # the entity too: later nights' replay then recalls these facts
+      mask = jnp.broadcast_to((jnp.arange(mask.shape[1]) > 0).astype(mask.dtype), mask.shape)
     if dc.rotate:  # every statement at every position, as the probes ask at the first
       n = self.world.qa_per_example
       tokens = D.rotations(tokens, self.world.stmt_len)

@@ -43,6 +43,8 @@ def _check(cfg: Config) -> DayWorld:
       raise ConfigError(f"bad value for config key 'dreaming.methods': unknown method {m!r} (known: {', '.join(METHODS)})")
   world = world_from_config(DayWorld, cfg.dreaming.world, "dreaming.world", cfg.model.vocab_size)
   dc = cfg.dreaming
+  if dc.write_targets not in ("attributes", "statements"):
+    raise ConfigError("bad value for config key 'dreaming.write_targets': use 'attributes' or 'statements'")
   if dc.seeds < 1:
     raise ConfigError("bad value for config key 'dreaming.seeds': need at least 1")
   if dc.top_k + dc.random_extra > dc.dreams or dc.top_k < 1:
@@ -88,6 +90,7 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   for day in range(done, world.days):
     t0 = time.perf_counter()
     params, gen, opt, info = run_day(dreamer, method, state["params"], state["gen"], state["opt"], day, seed)
+    jax.block_until_ready(params)  # dispatch is asynchronous: time the work, not its scheduling
     state = {"params": params, "gen": gen, "opt": opt}
     row = {"day": day, "wall_s": time.perf_counter() - t0, **info,
            "day_accuracy": [dreamer.accuracy(params, world.day_pairs(d)) for d in range(world.days)],
