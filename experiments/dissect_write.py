@@ -48,6 +48,10 @@ def main() -> None:
     print(f"round {r}: {int(np.asarray(weights).sum())} rewarded dreams, statements per day entity {counts.tolist()}")
   tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
   written = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99), day)
+  # In place: each rewarded dream as it was dreamed, every attribute right after the write?
+  logits = nnx.merge(trainer.graphdef, written)(tokens[:, :-1])
+  right = (jnp.argmax(logits, -1) == tokens[:, 1:]) | (mask[:, 1:] == 0)
+  print(f"rewarded dreams fitted in place: {float(jnp.mean(jnp.all(right, -1)[weights > 0])):.3f}")
   probes, _ = world.probes(world.day_pairs(day))
   pred = np.asarray(jnp.argmax(nnx.merge(trainer.graphdef, written)(jnp.asarray(probes[:, :-1])), -1))
   for e, row, p in zip(ents, probes, pred):

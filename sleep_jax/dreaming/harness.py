@@ -207,7 +207,7 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
       rewarded.append(float(weights.sum()))
       night.append((tokens, mask, weights))
     info["rewarded_dreams"] = rewarded
-    # Unrewarded rows have weight 0: they cost compute in the write but carry no loss.
+    # Unrewarded rows have weight 0: no loss (and never drawn by a minibatched write).
     tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
     params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99), day)
   return params, gen, opt, info

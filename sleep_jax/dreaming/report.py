@@ -9,7 +9,7 @@ COLUMNS = ("method", "new_accuracy", "old_accuracy", "backward_transfer", "forge
 
 
 def markdown(rows: list[dict], speed: dict | None = None) -> str:
-  """The results table; with several dreaming seeds a cell reads `mean ± std (n seeds)`."""
+  """The results table; with several dreaming seeds a cell reads `mean ± std`."""
   def cell(r, c):
     v = r.get(c, "")
     if not isinstance(v, float):
@@ -22,7 +22,7 @@ def markdown(rows: list[dict], speed: dict | None = None) -> str:
   lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
   if speed:
-    lines += ["", f"Isolated copies: vmapped {speed['speedup']:.2f}x faster than a sequential loop "
+    lines += ["", f"Isolated copies: vmapped vs a sequential loop, speed-up {speed['speedup']:.2f}x "
                   f"({speed['copies']} copies; {speed['vmapped_s']:.3f} s vs {speed['sequential_s']:.3f} s)."]
   return "\n".join(lines) + "\n"
 

@@ -145,7 +145,7 @@ def run_dream(cfg: Config) -> tuple[list[dict], dict]:
     if jax.process_index() == 0:
       with open(speed_path, "w") as f:
         json.dump(speed, f, indent=2)
-  log.info("isolated copies: vmapped %.2fx faster than a sequential loop (%d copies, max |diff| %.1e)",
+  log.info("isolated copies: vmapped vs a sequential loop, speed-up %.2fx (%d copies, max |diff| %.1e)",
            speed["speedup"], speed["copies"], speed["max_abs_diff"])
   rows = [over_seeds([run_method(cfg, world, dreamer, m, base_params, s) for s in range(cfg.dreaming.seeds)])
           for m in cfg.dreaming.methods]
