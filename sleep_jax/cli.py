@@ -69,9 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.eval_task_options.steps=8)")
   e.add_argument("--batches", type=int, default=None, help="limit the number of eval batches (default: all)")
   e.set_defaults(func=cmd_eval)
+  _add_tokenizer_parser(sub)
   for register in _extra_commands():
     register(sub)
   return p
+
+
+def cmd_tokenizer_train(args) -> int:
+  from sleep_jax.tokenizer import TokenizerError, iter_corpus, train_bpe
+
+  try:
+    tok = train_bpe(args.corpus, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    sample = next(iter_corpus(args.corpus))[:4000]
+  except TokenizerError as e:  # raised here, not in main(), so main's error list stays its own
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  ids = tok.encode(sample)
+  ok = tok.decode(ids) == sample
+  print(f"vocabulary: {tok.vocab_size} tokens (bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}) -> {args.out}")
+  print(f"round trip: {'ok' if ok else 'FAILED'} on {len(sample)} chars of the corpus -> {len(ids)} tokens "
+        f"({len(sample) / max(len(ids), 1):.2f} chars/token)")
+  return 0 if ok else 1
+
+
+def _add_tokenizer_parser(sub) -> None:
+  t = sub.add_parser("tokenizer", help="tokenizer tools (train a byte-level BPE)",
+                     description="Tokenizer tools.")
+  verbs = t.add_subparsers(dest="verb", required=True)
+  tr = verbs.add_parser("train", help="train a byte-level BPE on text files",
+                        description="Train a byte-level BPE (<|bos|>, <|eos|>, <|pad|>) on plain text, .jsonl "
+                                    "(a \"text\" field) or directories (*.txt/*.md/*.py/*.jsonl, recursively) "
+                                    "and write OUT/tokenizer.json + tokenizer_config.json (loads with "
+                                    "transformers.AutoTokenizer).")
+  tr.add_argument("corpus", nargs="+", metavar="CORPUS", help="text/.jsonl files or directories")
+  tr.add_argument("out", metavar="OUT", help="output directory")
+  tr.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. specials (default 8192)")
+  tr.add_argument("--min-frequency", type=int, default=2, help="min pair count for a merge (default 2)")
+  tr.set_defaults(func=cmd_tokenizer_train)
 
 
 def _extra_commands():
