@@ -266,8 +266,9 @@ def _documents(path: str, text: str) -> Iterator[str]:
       continue
     try:
       doc = json.loads(line)["text"]
-      assert isinstance(doc, str)
-    except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+      if not isinstance(doc, str):
+        raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
       raise TokenizerError(f"{path}:{n}: expected a JSON object with a string \"text\" field") from None
     yield doc
 

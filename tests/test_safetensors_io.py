@@ -62,6 +62,9 @@ def test_single_file_round_trip(tmp_path):
       assert r.dtype(name) == raw[name][0]
       assert a.tobytes() == raw[name][2]
   assert raw["model.layers.0.mlp.up_proj.weight"][0] == "BF16"
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / SINGLE).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_sharded_round_trip_matches_huggingface_hub_split(tmp_path):

@@ -15,7 +15,8 @@ from sleep_jax.tokenizer import TokenizerError, load_tokenizer, train_bpe
 STDLIB = os.path.dirname(os.__file__)
 # A small deterministic corpus: a stdlib package directory plus a named module.
 CORPUS = [os.path.join(STDLIB, "json"), os.path.join(STDLIB, "argparse.py")]
-TEXTS = ["def f(x):\n    return {'a': x}  # comment\n", "héllo wörld  ∑ 日本語 🙂\n\ttabs and  spaces  ",
+TEXTS = ["def f(x):\n    return {'a': x}  # comment\n",
+         "héllo wörld  ∑ 日本語 🙂\n\ttabs and  spaces  ",
          "Ünïcödé — “quotes” ‘and’ emoji 👩‍👩‍👧 …", "", " leading space", "\r\nwindows\r\n", "\x00\x7f nul"]
 
 
@@ -173,7 +174,8 @@ import json, sys
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 texts = json.loads(sys.stdin.read())
-print(json.dumps({"ids": [tok(t)["input_ids"] for t in texts], "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
+print(json.dumps({"ids": [tok(t)["input_ids"] for t in texts],
+                  "decoded": [tok.decode(tok(t)["input_ids"]) for t in texts],
                   "specials": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]}))
 """
 

@@ -120,7 +120,7 @@ class _Shard:
     return raw.view(DTYPES[dtype].newbyteorder("<")).reshape(shape)
 
   def release(self, name: str) -> None:
-    if self._map is None:
+    if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):  # (not on every OS)
       return
     _, _, begin, end = self.tensors[name]
     lo = (self.data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
@@ -146,7 +146,8 @@ class CheckpointReader:
       elif os.path.isfile(os.path.join(path, INDEX)):
         files = self._read_index(os.path.join(path, INDEX))
       else:
-        bins = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if os.path.exists(os.path.join(path, f))]
+        bins = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                if os.path.exists(os.path.join(path, f))]
         hint = f" (it has {bins[0]}: convert it to safetensors first)" if bins else ""
         raise HFError(f"{path}: no {SINGLE} or {INDEX}{hint}")
     elif os.path.isfile(path) and path.endswith(".json"):
@@ -155,7 +156,7 @@ class CheckpointReader:
       files = {None: path}
     else:
       raise HFError(f"{path}: no such checkpoint directory or file")
-    self._shards = {f: _Shard(f) for f in dict.fromkeys(files.values())}
+    self._shards = {f: _Shard(f) for f in sorted(set(files.values()))}  # shard 1, 2, ...: names() order
     self._where: dict[str, _Shard] = {}
     if None in files:  # one file: its header is the list of tensors
       shard = self._shards[files[None]]
@@ -172,10 +173,11 @@ class CheckpointReader:
     try:
       with open(index, encoding="utf-8") as f:
         weight_map = json.load(f)["weight_map"]
-      assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+      if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise TypeError
     except OSError as e:
       raise HFError(f"{index}: cannot read ({_one_line(e.strerror or e)})") from None
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError):
       raise HFError(f"{index}: not a safetensors index (needs a weight_map of tensor -> file)") from None
     root = os.path.dirname(index)
     for name, f in weight_map.items():
@@ -274,8 +276,13 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, np
   tmp_names: list[list[str]] = []  # per written shard: its tensor names, in order
   tmp = lambda i: os.path.join(out, f".model-{i + 1:05d}.safetensors.tmp{os.getpid()}")  # noqa: E731
 
+  umask = os.umask(0)
+  os.umask(umask)
+
   def flush(shard: dict) -> None:
     save_file(shard, tmp(len(tmp_names)), metadata=metadata)
+    # The library creates 0600 files; a checkpoint on a shared disk wants the usual umask.
+    os.chmod(tmp(len(tmp_names)), 0o666 & ~umask)
     tmp_names.append(list(shard))
 
   sizes: dict[str, int] = {}
