@@ -51,7 +51,7 @@ def main() -> None:
                                           [jnp.asarray(b, a.dtype) for a, b in zip(jax.tree_util.tree_leaves(params), saved)])
     print(f"{sys.argv[2]} after day {day - 1}:")
   tokens, mask = world.pretrain_batch(123, 0, 64)
-  logits = nnx.merge(trainer.graphdef, params)(jnp.asarray(tokens[:, :-1]))
+  logits = nnx.merge(trainer.graphdef, params)(jnp.asarray(tokens[:, :-1]))[0]
   ok = np.asarray(jnp.argmax(logits, -1)) == tokens[:, 1:]
   closed = np.arange(len(tokens)) % 4 == 0  # pretrain_batch: every 4th row is closed-book
   attr = np.zeros_like(ok)

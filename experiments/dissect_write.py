@@ -49,11 +49,11 @@ def main() -> None:
   tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
   written = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99), day)
   # In place: each rewarded dream as it was dreamed, every attribute right after the write?
-  logits = nnx.merge(trainer.graphdef, written)(tokens[:, :-1])
+  logits = nnx.merge(trainer.graphdef, written)(tokens[:, :-1])[0]
   right = (jnp.argmax(logits, -1) == tokens[:, 1:]) | (mask[:, 1:] == 0)
   print(f"rewarded dreams fitted in place: {float(jnp.mean(jnp.all(right, -1)[weights > 0])):.3f}")
   probes, _ = world.probes(world.day_pairs(day))
-  pred = np.asarray(jnp.argmax(nnx.merge(trainer.graphdef, written)(jnp.asarray(probes[:, :-1])), -1))
+  pred = np.asarray(jnp.argmax(nnx.merge(trainer.graphdef, written)(jnp.asarray(probes[:, :-1]))[0], -1))
   for e, row, p in zip(ents, probes, pred):
     print(f"entity {int(e)}: truth {row[4:].tolist()} written {p[3:].tolist()}")
   print(f"day 0 probes {dreamer.accuracy(written, world.day_pairs(day)):.3f}, "

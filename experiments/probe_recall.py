@@ -101,7 +101,7 @@ def main(argv=None):
   opt_state = opt.init(params)
 
   def loss_fn(params, tokens, mask):
-    logits = nnx.merge(graphdef, params)(tokens)
+    logits = nnx.merge(graphdef, params)(tokens)[0]
     logp = jax.nn.log_softmax(logits[:, :-1])
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
     m = mask[:, :-1]

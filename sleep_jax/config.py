@@ -57,6 +57,23 @@ class ModelConfig:
   scan_layers: bool = True  # stacked parameters + lax.scan over layers
   init_std: float = 0.02
   cms: CMSConfig = field(default_factory=CMSConfig)
+  # -- architecture options of real (Hugging Face) models; the defaults are sleep_jax's own --
+  n_kv_heads: int = 0  # grouped-query attention: key/value heads (0: n_heads)
+  qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
+  qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2.5)
+  attn_out_gate: bool = False  # attention output * sigmoid(x W_gate), per head (Qwen3-Next / Qwen3.5)
+  rope_fraction: float = 1.0  # share of head_dim that is rotated (partial rotary, Qwen3.5: 0.25)
+  rope_scaling: dict[str, Any] = field(default_factory=dict)  # {} or Llama 3's {"rope_type": "llama3", ...}
+  tie_embeddings: bool = False  # logits from the embedding table (no separate unembed)
+  norm_eps: float = 1e-6
+  norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + w): 1.0 for Qwen3.5's zero-centred norms
+  gdn_k_heads: int = 0  # GDN query/key heads (0: n_heads)
+  gdn_v_heads: int = 0  # GDN value heads, a multiple of gdn_k_heads (0: gdn_k_heads)
+  gdn_k_dim: int = 0  # GDN query/key head size (0: head_dim)
+  gdn_v_dim: int = 0  # GDN value head size (0: head_dim)
+  gdn_q_scale: bool = False  # queries scaled by gdn_k_dim^-0.5 after the L2 norm (FLA / transformers)
+  init_from: Optional[str] = None  # a Hugging Face checkpoint directory to start from (sleep_jax.hf.load)
+  hf_arch: str = ""  # the registry architecture an imported model came from (export writes it back)
 
 
 @dataclass
@@ -67,6 +84,9 @@ class SleepConfig:
   adaptive_tol: float = 0.0  # >0 (inference): stop sleeping once |dS|/|S| < tol
   warmup_gdn_steps: int = 0  # sliding-window recipe: train only GDN layers, hard eviction
   single_pass_steps: int = 0  # depth curriculum: the first steps train at N = 1, then at `passes`
+  # [start, end): the passes loop only these layers (paper A's Jet-Nemotron recipe); the layers
+  # before run once, the layers after once on the last pass's features. []: the whole stack.
+  layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -249,15 +269,38 @@ def _validate(cfg: Config) -> None:
     value = getattr(getattr(cfg, section), name)
     if value not in allowed:
       raise ConfigError(f"bad value for config key '{key}': {value!r} not in {allowed}")
-  if cfg.model.kind == "hybrid" and cfg.model.eviction not in ("hard", "sliding"):
-    raise ConfigError("bad value for config key 'model.eviction': a hybrid (sleeping) model needs 'hard' or 'sliding'")
+  mixers = ("attn", "attn:none", "attn:hard", "attn:sliding", "gdn")
   for p in cfg.model.layer_pattern:
-    if p not in ("attn", "gdn"):
-      raise ConfigError(f"bad value for config key 'model.layer_pattern': {p!r} not in ('attn', 'gdn')")
+    if p not in mixers:
+      raise ConfigError(f"bad value for config key 'model.layer_pattern': {p!r} not in {mixers}")
+  if cfg.model.kind == "hybrid" and not cfg.model.layer_pattern:
+    raise ConfigError("bad value for config key 'model.layer_pattern': a hybrid model needs at least one layer")
+  if cfg.sleep.passes > 1 and cfg.model.eviction == "none":
+    raise ConfigError("bad value for config key 'sleep.passes': sleep happens at evictions; "
+                      "sleep.passes > 1 needs model.eviction 'hard' or 'sliding'")
+  mc = cfg.model
+  n_layers = mc.n_layers if mc.kind in ("transformer", "cms") else len(mc.layer_pattern) * mc.pattern_repeats
+  if cfg.sleep.layers:
+    lr = cfg.sleep.layers
+    if len(lr) != 2 or not 0 <= lr[0] < lr[1] <= n_layers:
+      raise ConfigError(f"bad value for config key 'sleep.layers': {list(lr)} must be [start, end) with "
+                        f"0 <= start < end <= {n_layers} (the model's layers)")
+  for key, value, divides in (("model.n_kv_heads", mc.n_kv_heads, mc.n_heads),
+                              ("model.gdn_v_heads", mc.gdn_v_heads, None)):
+    if value < 0 or (value and divides and divides % value):
+      raise ConfigError(f"bad value for config key '{key}': {value} must be 0 or divide model.n_heads={divides}")
+  hk = mc.gdn_k_heads or mc.n_heads
+  if mc.gdn_v_heads and mc.gdn_v_heads % hk:
+    raise ConfigError(f"bad value for config key 'model.gdn_v_heads': {mc.gdn_v_heads} must be a multiple of "
+                      f"the GDN key heads ({hk})")
+  if not 0.0 < mc.rope_fraction <= 1.0:
+    raise ConfigError(f"bad value for config key 'model.rope_fraction': {mc.rope_fraction} must be in (0, 1]")
   positive = {"sleep.passes": cfg.sleep.passes, "sleep.chunk_len": cfg.sleep.chunk_len,
               "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
               "data.seq_len": cfg.data.seq_len, "checkpoint.every": cfg.checkpoint.every,
-              "checkpoint.keep": cfg.checkpoint.keep, "model.d_model": cfg.model.d_model}
+              "checkpoint.keep": cfg.checkpoint.keep, "model.d_model": cfg.model.d_model,
+              "model.n_heads": cfg.model.n_heads, "model.head_dim": cfg.model.head_dim,
+              "model.vocab_size": cfg.model.vocab_size}
   for key, value in positive.items():
     if value < 1:
       raise ConfigError(f"bad value for config key '{key}': {value} must be >= 1")

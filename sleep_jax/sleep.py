@@ -41,14 +41,6 @@ from sleep_jax.config import Config
 PassFn = Callable[[jax.Array, tuple], tuple[jax.Array, tuple, tuple]]  # (h, S) -> (h, S, kv)
 
 
-def check_eviction(eviction: str) -> bool:
-  """True for sliding-window eviction; the hybrid has no full-attention mode."""
-  if eviction not in ("hard", "sliding"):
-    raise ValueError(f"model.kind=hybrid needs model.eviction 'hard' or 'sliding' (got {eviction!r}): "
-                     "attention state is evicted at every sleep chunk")
-  return eviction == "sliding"
-
-
 def _select_B(take_B, new, old, batch_axis: int):
   """Per-example select on a pytree whose batch axis is `batch_axis`."""
   def sel(a, b):
@@ -65,12 +57,13 @@ def _state_sq_B(S) -> jax.Array:
 
 def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int = 0, truncate: int = 0,
                tol: float = 0.0, keep_kv: bool = False, remat: bool = True):
-  """Passes start+1 .. N of one chunk as ONE `lax.scan`. Returns (S, passes_B, h_1, kv_1).
+  """Passes start+1 .. N of one chunk as ONE `lax.scan`. Returns (S, passes_B, h_1, kv_1, h_N).
 
   pass_fn(h, S) -> (h, S, kv) is one (rematerialised) pass of the stack. start = 0: the scan
   begins with pass 1 from the embeddings (sleep_forward); start = 1: (h, S) are pass 1's
   outputs (wake decoding computed pass 1 token by token). h_1 and kv_1 are pass 1's features
-  and attention K/V (start = 0 only; kv_1 only with keep_kv).
+  and the rest of its state, attention K/V and conv caches (start = 0 only; kv_1 only with
+  keep_kv); h_N the features of each example's last pass.
 
   Pass 1 and the extra passes being one scan body means the program holds a single copy of
   the pass and of its backward, whatever N; h_1 and kv_1 are picked out with `jnp.where`,
@@ -94,7 +87,7 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
     # no per-pass remat -- its only purpose is to keep memory flat over N passes, and for a
     # single pass it would just recompute the forward in the backward.
     h1, S, kv = pass_fn(h_BLD, S)
-    return S, jnp.ones((B,), jnp.int32), h1, (kv if keep_kv else ())
+    return S, jnp.ones((B,), jnp.int32), h1, (kv if keep_kv else ()), h1
   h_shape, _, kv_shape = jax.eval_shape(pass_fn, h_BLD, S)
   zero_kv = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), kv_shape) if keep_kv else ()
   stop_at = passes - truncate if 0 < truncate < passes and tol <= 0 else -1  # 0-based pass index
@@ -130,64 +123,135 @@ def run_passes(pass_fn: PassFn, h_BLD, S, active_B, *, passes: int, start: int =
 
   done0 = ~active_B if start > 0 else jnp.zeros((B,), bool)
   init = (h_BLD, S, jnp.zeros(h_shape.shape, h_shape.dtype), zero_kv(), done0, jnp.full((B,), start, jnp.int32))
-  (_, S, h1, kv1, _, n_B), _ = jax.lax.scan(body, init, jnp.arange(start, start + n_iter))
-  return S, n_B, h1, kv1
+  (h_last, S, h1, kv1, _, n_B), _ = jax.lax.scan(body, init, jnp.arange(start, start + n_iter))
+  return S, n_B, h1, kv1, h_last
 
 
-def make_pass(graphdef, positions_BL, ctx_valid, chunk_len: int, sliding: bool):
-  """A pure pass: (params state, h, S, ctx) -> (h, S, kv) (`run_passes` rematerialises it)."""
+def get_S(layers: tuple) -> tuple:
+  """The fast weights of a decoder state's layer groups (the GDN groups, in pattern order)."""
+  return tuple(g["S"] for g in layers if "S" in g)
 
-  def one_pass(state, h, S, ctx):
-    model = nnx.merge(graphdef, state)
-    return model.run_pass(h, S, positions_BL, ctx=ctx if sliding else None, ctx_valid=ctx_valid,
-                          chunk_len=chunk_len)
 
-  return one_pass
+def put_S(layers: tuple, S: tuple) -> tuple:
+  it = iter(S)
+  return tuple({**g, "S": next(it)} if "S" in g else g for g in layers)
+
+
+def strip_S(layers: tuple) -> tuple:
+  """The state without its fast weights (S kept as a None placeholder for `put_S`)."""
+  return tuple({**g, "S": None} if "S" in g else g for g in layers)
+
+
+def sleep_range(cfg: Config, n_layers: int) -> tuple[int, int]:
+  """sleep.layers as (lo, hi); [] is the whole stack."""
+  if not cfg.sleep.layers:
+    return 0, n_layers
+  lo, hi = cfg.sleep.layers
+  return int(lo), int(hi)
+
+
+def _rows_in(model, lo: int, hi: int) -> tuple:
+  """Per GDN group, bool [R]: which of its stacked layers lie in [lo, hi)."""
+  P = len(model.pattern)
+  return tuple(jnp.asarray([lo <= r * P + p < hi for r in range(model.repeats)])
+               for p, k in enumerate(model.pattern) if k == "gdn")
+
+
+def _take_rows(rows: tuple, S_new: tuple, S_old: tuple) -> tuple:
+  return tuple(jnp.where(m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b) for m, a, b in zip(rows, S_new, S_old))
+
+
+def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_BL=None, segment_ids_BL=None,
+                tol: float = 0.0, start: int = 0, S_start: tuple | None = None):
+  """One chunk of Algorithm 1 from the decoder state before it.
+
+  start = 0: h is the chunk's embeddings; pass 1 runs the whole stack (its logits are the
+  chunk's), then passes 2..N over sleep.layers = [lo, hi) for the active examples. start = 1
+  (wake decoding, which ran pass 1 token by token): h is pass 1's output of layer hi - 1,
+  `state` holds the chunk's incoming caches with pass 1's S, and S_start the S the chunk
+  began with. Every pass starts from the chunk's incoming KV and conv caches (sleep never
+  rewrites the KV cache; only S changes); layers before lo keep their single run, layers
+  after hi run once more, from their incoming S, on the last pass's features.
+  Returns (logits or None, new state, passes_B, pass 1's output of layer hi - 1).
+  """
+  sc, mc = cfg.sleep, cfg.model
+  n = model.n_layers
+  lo, hi = sleep_range(cfg, n)
+  L = h_BLD.shape[1]
+  ctx = model.context(L, h_BLD.shape[0], positions_BL, segment_ids_BL, state)
+  layers_in = state["layers"]
+
+  def pass_fn(lo_, hi_):
+    def one(h, S):
+      h, layers = model.run_layers(h, put_S(layers_in, S), ctx, lo_, hi_)
+      return h, get_S(layers), strip_S(layers)
+    return one
+
+  S_in = get_S(layers_in)
+  logits = None
+  if start == 0 and (lo, hi) == (0, n):
+    S, n_B, h1, rest1, _ = run_passes(pass_fn(0, n), h_BLD, S_in, active_B, passes=sc.passes,
+                                       truncate=sc.truncate_passes, tol=tol, keep_kv=True, remat=mc.remat)
+    logits, h_mid = model.head(h1), h1
+  else:
+    if start == 0:  # pass 1, the whole stack, in three parts
+      h_lo, layers = model.run_layers(h_BLD, layers_in, ctx, 0, lo)
+      h_mid, layers = model.run_layers(h_lo, layers, ctx, lo, hi)
+      h_out, layers = model.run_layers(h_mid, layers, ctx, hi, n)
+      logits, rest1, S1 = model.head(h_out), strip_S(layers), get_S(layers)
+      S_start = S_in
+    else:  # wake decoding ran pass 1: h is its output of layer hi - 1, state its S
+      h_mid, rest1, S1 = h_BLD, strip_S(layers_in), S_in
+      S_start = S_in if S_start is None else S_start
+    S, n_B, _, _, h_last = run_passes(pass_fn(lo, hi), h_mid, S1, active_B, passes=sc.passes, start=1,
+                                      truncate=sc.truncate_passes, tol=tol, remat=True)
+    if hi < n:  # the layers after the loop: once, from their incoming S, on the last features
+      post = _rows_in(model, hi, n)
+      _, layers = model.run_layers(h_last, put_S(layers_in, _take_rows(post, S_start, S)), ctx, hi, n)
+      S = _take_rows(post, get_S(layers), S)
+  new_state = {"t": state["t"] + L, "seg": ctx["seg"][:, -1], "layers": put_S(rest1, S)}
+  return logits, new_state, n_B, h_mid
 
 
 def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
+                  positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
                   return_passes: bool = False, adaptive: bool | None = None) -> Any:
   """Algorithm 1: logits [B, T, V] float32 (and passes used [B, n_chunks] if return_passes).
 
   adaptive: None uses adaptive depth iff cfg.sleep.adaptive_tol > 0; False forces N passes.
   """
   mc, sc = cfg.model, cfg.sleep
-  sliding = check_eviction(mc.eviction)
-  L, N = sc.chunk_len, sc.passes
+  L = sc.chunk_len
   tol = sc.adaptive_tol if (adaptive is None or adaptive) else 0.0
   B, T = inputs_BT.shape
   C = -(-T // L)
   pad = C * L - T
   # Padded targets are masked (0): a padded tail chunk with no real target consolidates,
   # which is harmless -- the state after the last chunk is never read.
-  to_chunks = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad))).reshape(B, C, L), 1, 0)
-  tokens_CBL, mask_CBL = to_chunks(inputs_BT), to_chunks(target_mask_BT)
-  graphdef, state = nnx.split(model)
+  to_chunks = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, pad)), mode="edge").reshape(B, C, L), 1, 0)
+  tokens_CBL = to_chunks(inputs_BT)
+  mask_CBL = jnp.moveaxis(jnp.pad(target_mask_BT, ((0, 0), (0, pad))).reshape(B, C, L), 1, 0)
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  xs = (tokens_CBL, mask_CBL, to_chunks(positions_BT.astype(jnp.int32)),
+        to_chunks(segment_ids_BT.astype(jnp.int32)) if segment_ids_BT is not None else None)
+  graphdef, params = nnx.split(model)
 
-  def chunk(state, carry, xs):
-    S, ctx = carry
-    tokens_BL, mask_BL, c = xs
-    positions_BL = jnp.broadcast_to(c * L + jnp.arange(L, dtype=jnp.int32), (B, L))
-    one_pass = make_pass(graphdef, positions_BL, c > 0, L, sliding)
-    m = nnx.merge(graphdef, state)
+  def chunk(params, state, xs):
+    tokens_BL, mask_BL, pos_BL, seg_BL = xs
+    m = nnx.merge(graphdef, params)
     active_B = jnp.all(mask_BL == 0, axis=1)
-    S_out, n_B, h1, kv1 = run_passes(lambda h, S_: one_pass(state, h, S_, ctx), m.embed_tokens(tokens_BL), S,
-                                     active_B, passes=N, truncate=sc.truncate_passes, tol=tol, keep_kv=sliding,
-                                     remat=mc.remat)
-    return (S_out, kv1 if sliding else ctx), (m.logits(h1), n_B)
+    logits, state, n_B, _ = sleep_chunk(m, state, m.embed_tokens(tokens_BL), active_B, cfg, positions_BL=pos_BL,
+                                        segment_ids_BL=seg_BL, tol=tol)
+    return state, (logits, n_B)
 
   if mc.remat:
     # Chunk-level remat on top of the per-pass one: the backward keeps only each chunk's
-    # incoming (S, ctx), and the per-pass carries of one chunk at a time, so memory grows
+    # incoming state, and the per-pass carries of one chunk at a time, so memory grows
     # with N by one chunk's (h, S) per pass instead of every chunk's.
     chunk = jax.checkpoint(chunk, policy=jax.checkpoint_policies.nothing_saveable)
-  model0 = nnx.merge(graphdef, state)
-  ctx0 = ()
-  if sliding:
-    z = jnp.zeros((mc.pattern_repeats, B, L, mc.n_heads, mc.head_dim), jnp.dtype(mc.compute_dtype))
-    ctx0 = tuple((z, z) for _ in model0.attn_groups)
-  xs = (tokens_CBL, mask_CBL, jnp.arange(C, dtype=jnp.int32))
-  _, (logits_CBLV, n_CB) = jax.lax.scan(lambda carry, x: chunk(state, carry, x), (model0.zero_state(B), ctx0), xs)
+  state0 = nnx.merge(graphdef, params).init_state(B, max_len=C * L, decode=False)
+  _, (logits_CBLV, n_CB) = jax.lax.scan(lambda st, x: chunk(params, st, x), state0, xs)
   logits_BTV = jnp.moveaxis(logits_CBLV, 0, 1).reshape(B, C * L, -1)[:, :T]
   if return_passes:
     return logits_BTV, n_CB.T

@@ -143,8 +143,13 @@ class Trainer:
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
-  def model(self, params) -> nnx.Module:
-    return nnx.merge(self.graphdef, cast_params(params, self.cfg.model.compute_dtype))
+  def model(self, params, cfg: Config | None = None) -> nnx.Module:
+    """The decoder over `params`; a cfg whose model section differs (the GDN warm-up's hard
+    eviction) gets its own graph definition over the same parameters."""
+    graphdef = self.graphdef
+    if cfg is not None and cfg.model != self.cfg.model:
+      graphdef = shd.abstract_model(model_factory(cfg))[0]
+    return nnx.merge(graphdef, cast_params(params, self.cfg.model.compute_dtype))
 
   # -- steps -------------------------------------------------------------------------------
   def step_fn(self, step: int):
@@ -157,7 +162,7 @@ class Trainer:
 
   def _stats(self, params, batch, cfg: Config | None = None, training: bool = True):
     inputs, targets, mask = split_batch(batch)
-    logits, passes_B = forward(self.model(params), inputs, mask, cfg or self.cfg, training=training)
+    logits, passes_B = forward(self.model(params, cfg), inputs, mask, cfg or self.cfg, training=training)
     stats = token_stats(logits, targets, mask)
     if passes_B is not None:
       stats["passes_B"] = passes_B.astype(jnp.float32)

@@ -10,7 +10,7 @@ from test_hybrid import jit, make_model, tiny_cfg
 from sleep_jax.config import Config, ModelConfig, SleepConfig
 from sleep_jax.data.tasks import rule110
 from sleep_jax.generate import generate, sample_logits, sample_tokens
-from sleep_jax.models.transformer import Transformer
+from sleep_jax.models import model_factory
 from sleep_jax.sleep import sleep_forward
 
 
@@ -47,10 +47,10 @@ def test_transformer_decode_matches_forward(eviction, attn_conv):
   cfg = Config(model=ModelConfig(kind="transformer", vocab_size=8, d_model=32, n_heads=2, head_dim=16, d_ff=64,
                                  n_layers=2, eviction=eviction, init_std=0.2, attn_conv=attn_conv),
                sleep=SleepConfig(chunk_len=6))
-  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  model = model_factory(cfg)(nnx.Rngs(0))
   prompt = jnp.asarray(rule110_prompt(K=2, W=6, L=6))[:, :10]
   out, logits = generate(model, prompt, cfg, steps=6, return_logits=True)
-  want = jit(lambda x: model(x, chunk_len=6))(out[:, :-1])
+  want = jit(lambda x: model(x)[0])(out[:, :-1])
   np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(out[:, 10:], jnp.argmax(want[:, 9:], -1))
 

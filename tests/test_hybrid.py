@@ -1,4 +1,5 @@
-"""HybridLM and the GDN block against an independent float64 numpy reference.
+"""The decoder (hybrid configurations) and the GDN block against an independent float64
+numpy reference.
 
 `reference_logits` below re-implements the hybrid (RMSNorm, RoPE attention with hard or
 sliding eviction, the GDN block with the explicit matrix recurrence of PAPERS.md, SwiGLU)
@@ -16,7 +17,7 @@ from flax import nnx
 
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config, MeshConfig, ModelConfig, SleepConfig
-from sleep_jax.models.hybrid import HybridLM
+from sleep_jax.models import model_factory
 from sleep_jax.sleep import gdn_only_mask, sleep_forward
 
 
@@ -31,7 +32,7 @@ def tiny_cfg(eviction="hard", passes=1, L=8, pattern=("attn", "gdn"), **sleep):
 
 
 def make_model(cfg, seed=0):
-  return HybridLM(cfg.model, rngs=nnx.Rngs(seed))
+  return model_factory(cfg)(nnx.Rngs(seed))
 
 
 def pure_params(model):
@@ -70,14 +71,22 @@ def _attention(p, x_LD, pos_L, prev, L, base):
   return np.einsum("hts,shk,hkd->td", w, vals, p["wo"]), (k, v, pos_L)
 
 
-def _gdn(p, x_LD, S_HVK):
+def _gdn(p, x_LD, S_HVK, q_scale=False):
+  """GDN with its own key/value head counts: q/k head j // (Hv / Hk) serves value head j."""
   Lc, K = x_LD.shape[0], p["wq"].shape[-1]
-  qkv = np.concatenate([np.einsum("ld,dhk->lhk", x_LD, p[w]) for w in ("wq", "wk", "wv")], -1)
-  W = p["conv"].shape[0]
-  padded = np.concatenate([np.zeros((W - 1,) + qkv.shape[1:]), qkv])  # conv history is zero per chunk
-  qkv = _silu(np.stack([sum(padded[t + i] * p["conv"][i] for i in range(W)) for t in range(Lc)]))
+  W = p["conv_q"].shape[0]
+
+  def conv(w_name, c_name):  # conv history is zero per chunk
+    a = np.einsum("ld,dhk->lhk", x_LD, p[w_name])
+    padded = np.concatenate([np.zeros((W - 1,) + a.shape[1:]), a])
+    return _silu(np.stack([sum(padded[t + i] * p[c_name][i] for i in range(W)) for t in range(Lc)]))
+
   unit = lambda a: a / np.sqrt((a * a).sum(-1, keepdims=True) + 1e-6)
-  q, k, v = unit(qkv[..., :K]), unit(qkv[..., K:2 * K]), qkv[..., 2 * K:]
+  q, k, v = unit(conv("wq", "conv_q")), unit(conv("wk", "conv_k")), conv("wv", "conv_v")
+  if q_scale:
+    q = q / np.sqrt(K)
+  rep = v.shape[1] // q.shape[1]
+  q, k = np.repeat(q, rep, axis=1), np.repeat(k, rep, axis=1)
   dt = np.log1p(np.exp(x_LD @ p["wa"] + p["dt_bias"]))
   alpha = np.exp(np.maximum(-np.exp(p["a_log"]) * dt, -20.0))
   beta = 1 / (1 + np.exp(-(x_LD @ p["wb"])))
@@ -166,16 +175,17 @@ def test_gdn_block_step_equals_chunk():
   gdn = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state)).gdn
   x = jax.random.normal(jax.random.key(0), (2, 11, 32))
   S0 = 0.1 * jax.random.normal(jax.random.key(1), (2, 2, 16, 16))
-  y, S = jit(gdn)(x, S0)
+  taps = lambda T: jnp.arange(T)[None, :] >= jnp.arange(4)[:, None]  # no eviction: every earlier input
+  y, S, _ = jit(lambda x, S: gdn(x, S, valid=taps(11)))(x, S0)
 
   @jit
   def stepwise(x, S0):
     def body(carry, x_BD):
       S, conv = carry
-      y_BD, S, conv = gdn.step(x_BD, S, conv)
-      return (S, conv), y_BD
+      y_B1D, S, conv = gdn(x_BD[:, None], S, valid=jnp.ones((4, 1), bool), conv_cache=conv)
+      return (S, conv), y_B1D[:, 0]
 
-    (S, _), y_TBD = jax.lax.scan(body, (S0, jnp.zeros((2, 3, 2, 48))), jnp.moveaxis(x, 1, 0))
+    (S, _), y_TBD = jax.lax.scan(body, (S0, jnp.zeros((2, 3, 96))), jnp.moveaxis(x, 1, 0))
     return jnp.moveaxis(y_TBD, 0, 1), S
 
   y_step, S_step = stepwise(x, S0)
@@ -186,7 +196,7 @@ def test_gdn_block_step_equals_chunk():
 def test_stack_layout_and_gdn_only_mask():
   cfg = tiny_cfg()
   cfg.model.pattern_repeats = 3
-  model = nnx.eval_shape(lambda: HybridLM(cfg.model, rngs=nnx.Rngs(0)))  # shapes only
+  model = nnx.eval_shape(lambda: make_model(cfg))  # shapes only
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert params["groups"][0]["attn"]["wq"].shape == (3, 32, 2, 16)
   assert params["groups"][1]["gdn"]["wq"].shape == (3, 32, 2, 16)

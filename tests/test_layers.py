@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sleep_jax.models.layers import Attention, ShortConv, attention_mask
+from sleep_jax.models.attention import attend, attention_mask
+from sleep_jax.models.layers import ShortConv
 from sleep_jax.ops.dense import dense
 
 
@@ -42,24 +43,24 @@ def numpy_attention(q, k, v, mask):
 @pytest.mark.parametrize("q_blocks", [1, 4])
 def test_block_attention_matches_reference(eviction, ctx, q_blocks):
   B, T, H, K, L = 2, 16, 2, 4, 6
-  attn = Attention(8, H, K, rngs=nnx.Rngs(0), std=0.3, rope_base=10_000.0)
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(1), 3)
   S = 2 * T if ctx else T  # ctx: the previous chunk's keys come first (hybrid.chunk_attention)
   q = jax.random.normal(kq, (B, T, H, K))
   k, v = jax.random.normal(kk, (B, S, H, K)), jax.random.normal(kv, (B, S, H, K))
   q_pos = jnp.arange(S - T, S)
   mask = attention_mask(q_pos, jnp.arange(S), eviction, L)
-  out = jax.jit(lambda q, k, v: attn.attend(q, k, v, mask, q_blocks=q_blocks))(q, k, v)
-  ref = np.einsum("bthk,hkd->btd", numpy_attention(q, k, v, mask), np.asarray(attn.wo[...], np.float64))
+  heads_first = lambda a: jnp.swapaxes(a, 1, 2)
+  out = jax.jit(lambda q, k, v: attend(q, heads_first(k), heads_first(v), mask, q_blocks=q_blocks))(q, k, v)
+  ref = numpy_attention(q, k, v, mask)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_block_attention_grads_match_unblocked():
   B, T, H, K = 2, 32, 2, 4
-  attn = Attention(8, H, K, rngs=nnx.Rngs(0), std=0.3, rope_base=10_000.0)
   q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, B, T, H, K))
   mask = attention_mask(jnp.arange(T), jnp.arange(T), "none", 1)
-  grads = [jax.jit(jax.grad(lambda q, k, v, n=n: (attn.attend(q, k, v, mask, q_blocks=n) ** 2).sum(),
+  hf = lambda a: jnp.swapaxes(a, 1, 2)
+  grads = [jax.jit(jax.grad(lambda q, k, v, n=n: (attend(q, hf(k), hf(v), mask, q_blocks=n) ** 2).sum(),
                             argnums=(0, 1, 2)))(q, k, v) for n in (1, 4)]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -70,17 +71,18 @@ def test_short_conv_matches_numpy_and_steps(eviction):
   W, L, B, T, D = 3, 4, 2, 10, 5
   conv = ShortConv(W, D, rngs=nnx.Rngs(0))
   x = np.random.default_rng(0).normal(size=(B, T, D)).astype(np.float32)
-  pos = np.broadcast_to(np.arange(T), (B, T))
   w = np.asarray(conv.w[...])
   want = x.copy()
   for t in range(T):
     for i in range(W):
       if t - i >= 0 and (eviction == "none" or (t - i) // L == t // L):
         want[:, t] += w[i] * x[:, t - i]
-  got = conv(jnp.asarray(x), jnp.asarray(pos), eviction, L)
+  src = np.arange(T)[None, :] - np.arange(W)[:, None]  # tap i of token t reads t - i
+  valid = (src >= 0) & ((src // L == np.arange(T) // L) if eviction == "hard" else True)
+  got, _ = conv(jnp.asarray(x), jnp.asarray(valid))
   np.testing.assert_allclose(got, want, atol=1e-6)
   cache, steps = jnp.zeros((B, W - 1, D)), []
   for t in range(T):  # the decoder's path: one token at a time
-    y, cache = conv.step(jnp.asarray(x[:, t:t + 1]), cache, jnp.asarray(t), eviction, L)
+    y, cache = conv(jnp.asarray(x[:, t:t + 1]), jnp.asarray(valid[:, t:t + 1]), cache)
     steps.append(y)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), want, atol=1e-6)

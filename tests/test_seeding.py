@@ -32,7 +32,7 @@ def _params_with_trained_fast_expert(cfg, seed=0):
   make = model_factory(cfg)
   params = nnx.to_pure_dict(nnx.split(make(nnx.Rngs(seed)))[1])
   params = expand.set_expert(params, 0, 0, active=True)
-  e = params["blocks"]["levels"][0]["experts"][0]
+  e = params["groups"][0]["levels"][0]["experts"][0]
   k1, k2 = jax.random.split(jax.random.key(seed + 1))
   e["b"] = 0.2 * jax.random.normal(k1, e["b"].shape)
   e["gate"] = 0.5 * jax.random.normal(k2, e["gate"].shape)
@@ -41,7 +41,7 @@ def _params_with_trained_fast_expert(cfg, seed=0):
 
 def _logits(cfg, params, tokens):
   graphdef = shd.abstract_model(model_factory(cfg))[0]
-  return nnx.merge(graphdef, params)(tokens)
+  return nnx.merge(graphdef, params)(tokens)[0]
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 40, (4, 6)))
@@ -58,7 +58,7 @@ def test_expert_activation_preserves_logits(top_k):
     assert float(jnp.max(jnp.abs(after - before))) <= 1e-5
   # ... and the activated expert does change the function once B moves away from 0.
   p2 = expand.set_expert(params, 1, 0, active=True)
-  p2["blocks"]["levels"][1]["experts"][0]["b"] = jnp.ones_like(p2["blocks"]["levels"][1]["experts"][0]["b"])
+  p2["groups"][0]["levels"][1]["experts"][0]["b"] = jnp.ones_like(p2["groups"][0]["levels"][1]["experts"][0]["b"])
   assert float(jnp.max(jnp.abs(_logits(cfg, p2, TOKENS) - before))) > 1e-3
 
 
@@ -75,7 +75,7 @@ def test_model_growth_preserves_logits(attn_conv):
   diff = jnp.abs(_logits(scfg, grown, TOKENS) - _logits(cfg, params, TOKENS))
   assert float(jnp.max(diff)) <= 1e-5
   # The appended layer is an identity: zero output projections, no active expert.
-  last = jax.tree.map(lambda a: a[-1], grown["blocks"])
+  last = jax.tree.map(lambda a: a[-1], grown["groups"][0])
   assert not np.any(np.asarray(last["attn"]["wo"])) and not np.any(np.asarray(last["levels"][0]["mlp"]["w_down"]))
 
 
@@ -158,7 +158,7 @@ def test_ks_step_trains_only_the_new_expert():
     m = dict(jax.tree_util.tree_flatten_with_path(moved)[0])[path]
     if lab == "freeze":
       assert not m, f"frozen {jax.tree_util.keystr(path)} changed"
-  assert moved["blocks"]["levels"][1]["experts"][0]["b"]
+  assert moved["groups"][0]["levels"][1]["experts"][0]["b"]
 
 
 def test_cms_levels_update_at_their_frequencies():
@@ -167,7 +167,7 @@ def test_cms_levels_update_at_their_frequencies():
   state = tr.init_state()
   toks = np.random.default_rng(0).integers(4, 40, (32, 6)).astype(np.int32)
   batch = {"tokens": jnp.asarray(toks), "loss_mask": jnp.ones((32, 6), jnp.int32)}
-  w = lambda st, lvl: np.asarray(st["params"]["blocks"]["levels"][lvl]["mlp"]["w_up"])
+  w = lambda st, lvl: np.asarray(st["params"]["groups"][0]["levels"][lvl]["mlp"]["w_up"])
   history = [jax.device_get(state)]
   for _ in range(3):
     state, _ = tr.train_step(state, batch)

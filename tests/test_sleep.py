@@ -6,24 +6,37 @@ import numpy as np
 from flax import nnx
 
 from test_hybrid import jit, make_model, pure_params, reference_logits, rule110_like, tiny_cfg
-from sleep_jax.sleep import sleep_forward
+from sleep_jax.sleep import get_S, put_S, sleep_forward
+
+
+def zero_state(model, B):
+  return get_S(model.init_state(B, max_len=0, decode=False)["layers"])
+
+
+def run_pass(model, h, S, c0):
+  """One pass of the whole stack over one chunk starting at stream index c0, from S alone
+  (hard eviction: nothing else crosses a chunk). Returns (h, S)."""
+  B, L = h.shape[:2]
+  st = model.init_state(B, max_len=0, decode=False)
+  st = {**st, "t": jnp.asarray(c0, jnp.int32)}
+  h, layers = model.run_layers(h, put_S(st["layers"], S), model.context(L, B, None, None, st))
+  return h, get_S(layers)
 
 
 def jax_reference(model, cfg, tokens_BT, mask_BT, stop_before_pass=None):
-  """Algorithm 1 as python loops over `model.run_pass` (hard eviction, batch-uniform chunks),
+  """Algorithm 1 as python loops over `run_pass` (hard eviction, batch-uniform chunks),
   differentiable; optionally stop_gradient on the carry entering pass `stop_before_pass`."""
   L, N = cfg.sleep.chunk_len, cfg.sleep.passes
   B, T = tokens_BT.shape
-  S, logits = model.zero_state(B), []
+  S, logits = zero_state(model, B), []
   for c0 in range(0, T, L):
-    pos = jnp.broadcast_to(jnp.arange(c0, c0 + L), (B, L))
-    h, S, _ = model.run_pass(model.embed_tokens(tokens_BT[:, c0:c0 + L]), S, pos, chunk_len=L)
-    logits.append(model.logits(h))
+    h, S = run_pass(model, model.embed_tokens(tokens_BT[:, c0:c0 + L]), S, c0)
+    logits.append(model.head(h))
     if np.all(np.asarray(mask_BT)[:, c0:c0 + L] == 0):
       for n in range(2, N + 1):
         if n == stop_before_pass:
           h, S = jax.lax.stop_gradient((h, S))
-        h, S, _ = model.run_pass(h, S, pos, chunk_len=L)
+        h, S = run_pass(model, h, S, c0)
   return jnp.concatenate(logits, 1)
 
 
@@ -55,13 +68,11 @@ def test_consolidation_reaches_later_chunks_only_through_S():
 
   @jit
   def from_state(t):
-    B = t.shape[0]
-    pos0 = jnp.broadcast_to(jnp.arange(L), (B, L))
-    h, S = model.embed_tokens(t[:, :L]), model.zero_state(B)
+    h, S = model.embed_tokens(t[:, :L]), zero_state(model, t.shape[0])
     for _ in range(3):
-      h, S, _ = model.run_pass(h, S, pos0, chunk_len=L)
-    h1, _, _ = model.run_pass(model.embed_tokens(t[:, L:]), S, pos0 + L, chunk_len=L)
-    return model.logits(h1)
+      h, S = run_pass(model, h, S, 0)
+    h1, _ = run_pass(model, model.embed_tokens(t[:, L:]), S, L)
+    return model.head(h1)
 
   other = tokens.at[:, :L].set(3 - tokens[:, :L])  # flip every bit of chunk 0
   for t in (tokens, other):

@@ -29,10 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from sleep_jax.config import Config, ModelConfig, SleepConfig  # noqa: E402
-from sleep_jax.generate import (hybrid_decode_step, hybrid_init_cache, sample_logits,  # noqa: E402
-                                transformer_decode_step, transformer_init_cache)
-from sleep_jax.models.hybrid import HybridLM  # noqa: E402
-from sleep_jax.models.transformer import Transformer  # noqa: E402
+from sleep_jax.generate import decode_step, init_cache, sample_logits  # noqa: E402
+from sleep_jax.models import model_factory  # noqa: E402
 
 
 def configs(a):
@@ -54,18 +52,18 @@ def filled(cache, t: int, key):
   return jax.tree.unflatten(treedef, out)
 
 
-def make_decoder(graphdef, cfg, step_fn, steps: int):
+def make_decoder(graphdef, cfg, steps: int):
   @jax.jit
   def run(state, cache, token_B):
     model = nnx.merge(graphdef, state)
 
     def body(carry, _):
       cache, tok = carry
-      logits, cache = step_fn(model, cache, tok, cfg)
+      logits, cache = decode_step(model, cache, tok, cfg)
       return (cache, sample_logits(logits, None)), None
 
     (cache, tok), _ = jax.lax.scan(body, (cache, token_B), None, length=steps)
-    return tok, cache["t"]
+    return tok, cache["state"]["t"]
 
   return run
 
@@ -105,22 +103,22 @@ def main():
   B, key = a.batch, jax.random.key(0)
   token_B = jnp.zeros((B,), jnp.int32)
 
-  hgraph, hstate = nnx.split(HybridLM(hcfg.model, rngs=nnx.Rngs(0)))
-  tgraph, tstate = nnx.split(Transformer(tcfg.model, rngs=nnx.Rngs(0)))
-  hrun = make_decoder(hgraph, hcfg, hybrid_decode_step, steps)
-  trun = make_decoder(tgraph, tcfg, transformer_decode_step, steps)
-  hmodel = nnx.merge(hgraph, hstate)
+  hgraph, hstate = nnx.split(model_factory(hcfg)(nnx.Rngs(0)))
+  tgraph, tstate = nnx.split(model_factory(tcfg)(nnx.Rngs(0)))
+  hrun = make_decoder(hgraph, hcfg, steps)
+  trun = make_decoder(tgraph, tcfg, steps)
+  hmodel, tmodel = nnx.merge(hgraph, hstate), nnx.merge(tgraph, tstate)
   rows, runs = {}, {}
   for C in contexts:
-    hcache = filled(hybrid_init_cache(hmodel, B, hcfg), C, key)
-    tcache = filled(transformer_init_cache(None, B, C + steps, tcfg), C, key)
+    hcache = filled(init_cache(hmodel, B, C + steps, hcfg), C, key)
+    tcache = filled(init_cache(tmodel, B, C + steps, tcfg), C, key)
     t_end = int(hrun(hstate, hcache, token_B)[1])
     assert t_end == C + steps, t_end
     runs[("hybrid", C)] = (hrun, (hstate, hcache, token_B))
     runs[("full", C)] = (trun, (tstate, tcache, token_B))
-    kv_h = nbytes(hcache["kv"])
-    rows[C] = {"hybrid_kv_bytes": kv_h, "hybrid_state_bytes": nbytes(hcache) - kv_h,
-               "full_kv_bytes": nbytes({"k": tcache["k"], "v": tcache["v"]})}
+    kv = lambda c: nbytes([g["kv"] for g in c["state"]["layers"] if "kv" in g])
+    kv_h = kv(hcache)
+    rows[C] = {"hybrid_kv_bytes": kv_h, "hybrid_state_bytes": nbytes(hcache) - kv_h, "full_kv_bytes": kv(tcache)}
   hybrid_runs = {k: v for k, v in runs.items() if k[0] == "hybrid"}
   secs = {**time_interleaved(hybrid_runs, a.reps),
           **time_interleaved({k: v for k, v in runs.items() if k[0] == "full"}, max(1, a.reps // 2))}

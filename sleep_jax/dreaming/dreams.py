@@ -25,24 +25,24 @@ from flax import nnx
 from sleep_jax.data.facts import BOS
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.generate import sample_tokens
+from sleep_jax.models import cms
 
 
 def force_experts(params: dict, slots_L: jax.Array) -> dict:
   """Every CMS level l also activates expert slots_L[l] (novelty while dreaming)."""
-  levels = dict(params["blocks"]["levels"])
-  for level, sub in levels.items():
+  def force(level, sub):
     experts = {e: dict(x) for e, x in sub["experts"].items()}
     for e in experts:
       experts[e]["active"] = jnp.where(slots_L[level] == e, jnp.ones_like(experts[e]["active"]), experts[e]["active"])
-    levels[level] = {**sub, "experts": experts}
-  return {**params, "blocks": {**params["blocks"], "levels": levels}}
+    return {**sub, "experts": experts}
+
+  return cms.map_levels(params, force)
 
 
 def sample_dreams(graphdef, params, prompt_T: jax.Array, rng: jax.Array, *, cfg, m: int, length: int,
                   temperature: float, novelty: bool) -> jax.Array:
   """Dreams [m, length]: the prompt's last token (QUERY) + length - 1 sampled tokens."""
-  n_levels = len(params["blocks"]["levels"])
-  n_slots = len(params["blocks"]["levels"][0]["experts"])
+  n_levels, n_slots = cms.level_count(params), len(cms.expert_slots(params, 0))
 
   def one(key):
     k_slot, k_tok = jax.random.split(key)
@@ -87,13 +87,13 @@ def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *
   model = nnx.merge(graphdef, params)
   target = mask_BT[:, 1:].astype(bool)
   for _ in range(span):
-    pred_BT = jnp.argmax(model(tokens_BT[:, :-1]), axis=-1).astype(tokens_BT.dtype)
+    pred_BT = jnp.argmax(model(tokens_BT[:, :-1])[0], axis=-1).astype(tokens_BT.dtype)
     tokens_BT = tokens_BT.at[:, 1:].set(jnp.where(target, pred_BT, tokens_BT[:, 1:]))
   return tokens_BT
 
 
 def sft_loss(graphdef, params, tokens_BT, mask_BT) -> jax.Array:
-  logits = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
+  logits = nnx.merge(graphdef, params)(tokens_BT[:, :-1])[0]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT[:, 1:])
   m = mask_BT[:, 1:].astype(jnp.float32)
   return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
@@ -116,7 +116,7 @@ def select(scores_M: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np
 def probe_scores(graphdef, params, probes_FT, mask_FT) -> tuple[jax.Array, jax.Array]:
   """(exact-match accuracy, loss) of closed-book probes under teacher forcing; exact match
   of every answer token given the true prefix equals greedy-decoding exact match."""
-  logits = nnx.merge(graphdef, params)(probes_FT[:, :-1])
+  logits = nnx.merge(graphdef, params)(probes_FT[:, :-1])[0]
   m = mask_FT[:, 1:]
   ok = (jnp.argmax(logits, -1) == probes_FT[:, 1:]) | (m == 0)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), probes_FT[:, 1:])

@@ -29,6 +29,7 @@ from sleep_jax.data.facts import BOS, QUERY
 from sleep_jax.data.days import DayWorld
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.models import cms
 from sleep_jax.seeding import expand, steps as seed_steps
 
 METHODS = ("base", "finetune", "dream", "sleep")
@@ -162,7 +163,7 @@ class Dreamer:
       pad = reading[0].shape[1] - tokens.shape[1]
       tokens = jnp.concatenate([jnp.pad(tokens, ((0, 0), (0, pad))), reading[0]])
       mask = jnp.concatenate([jnp.pad(mask, ((0, 0), (0, pad))), reading[1]])
-    slow = len(params["blocks"]["levels"]) - 1
+    slow = cms.level_count(params) - 1
     slot = expand.next_free_slot(jax.device_get(params), slow)
     params = expand.set_expert(params, slow, slot, active=True)
     labels = seed_steps.train_labels(params, level=slow, slot=slot)

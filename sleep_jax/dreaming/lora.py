@@ -17,7 +17,7 @@ TARGETS = ("wq", "wv", "w_up", "w_down")  # attention queries/values and every M
 
 def _targets(params: dict):
   out = {}
-  for path, w in jax.tree_util.tree_flatten_with_path(params["blocks"])[0]:
+  for path, w in jax.tree_util.tree_flatten_with_path(params["groups"])[0]:
     name = getattr(path[-1], "key", None)
     if name in TARGETS and "experts" not in [getattr(k, "key", None) for k in path]:
       out[jax.tree_util.keystr(path)] = w
@@ -37,7 +37,7 @@ def init(params: dict, rng: jax.Array, rank: int) -> dict:
 def apply(params: dict, lora: dict, *, alpha: float) -> dict:
   """Parameters with every adapter merged in (pure; the base `params` are untouched)."""
   def merge(path, w):
-    key = jax.tree_util.keystr(path[1:])  # path below "blocks"
+    key = jax.tree_util.keystr(path[1:])  # path below "groups"
     if key not in lora:
       return w
     a, b = lora[key]["a"], lora[key]["b"]
@@ -45,5 +45,5 @@ def apply(params: dict, lora: dict, *, alpha: float) -> dict:
     delta = jnp.einsum("lir,lro->lio", a, b).reshape(w.shape)
     return w + (alpha / rank) * delta.astype(w.dtype)
 
-  blocks = jax.tree_util.tree_map_with_path(lambda p, w: merge((None, *p), w), params["blocks"])
-  return {**params, "blocks": blocks}
+  groups = jax.tree_util.tree_map_with_path(lambda p, w: merge((None, *p), w), params["groups"])
+  return {**params, "groups": groups}

@@ -1,4 +1,8 @@
-"""Model registry: config -> module constructor, and the forward pass used by the train step."""
+"""Model registry and the forward passes used by training, evaluation and interop.
+
+Every model is one `Decoder` (models/decoder.py); model.kind (transformer | hybrid | cms)
+only chooses its layer list and MLP kind.
+"""
 
 from __future__ import annotations
 
@@ -11,34 +15,38 @@ from sleep_jax.config import Config
 
 
 def model_factory(cfg: Config) -> Callable[[nnx.Rngs], nnx.Module]:
-  if cfg.model.kind == "transformer":
-    from sleep_jax.models.transformer import Transformer
+  from sleep_jax.models.decoder import Decoder
 
-    return lambda rngs: Transformer(cfg.model, rngs=rngs)
-  if cfg.model.kind == "hybrid":
-    from sleep_jax.models.hybrid import HybridLM
+  if cfg.model.kind not in ("transformer", "hybrid", "cms"):
+    raise ValueError(f"unknown model.kind {cfg.model.kind!r}")
+  return lambda rngs: Decoder(cfg.model, rngs=rngs, chunk_len=cfg.sleep.chunk_len)
 
-    return lambda rngs: HybridLM(cfg.model, rngs=rngs)
-  if cfg.model.kind == "cms":
-    from sleep_jax.models.cms import CMSTransformer
 
-    return lambda rngs: CMSTransformer(cfg.model, rngs=rngs)
-  raise ValueError(f"unknown model.kind {cfg.model.kind!r}")
+def sleeps(cfg: Config) -> bool:
+  """Whether the forward runs Algorithm 1 (chunks and sleep passes): a model with GDN layers
+  whose attention is evicted. Without GDN nothing survives a chunk, and without eviction
+  there is no chunk to sleep on: one plain causal pass is the same function."""
+  from sleep_jax.models.decoder import layer_kinds
+
+  return "gdn" in layer_kinds(cfg.model) and cfg.model.eviction != "none"
 
 
 def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
             training: bool = True):
   """Logits [B, T, V] for next-token prediction, and the sleep passes used per example
-  (None for the transformer).
-
-  The transformer sees the whole sequence (with its eviction mask); the hybrid model runs
-  Algorithm 1, which needs the target mask to tell consolidation chunks from prediction ones.
-  """
-  if cfg.model.kind == "hybrid":
+  (None when the model does not sleep)."""
+  if sleeps(cfg):
     from sleep_jax.sleep import sleep_forward
 
     # Adaptive depth (sleep.adaptive_tol) is an inference option: training runs N passes.
     logits, passes_BC = sleep_forward(model, inputs_BT, target_mask_BT, cfg, return_passes=True,
                                       adaptive=False if training else None)
     return logits, passes_BC.max(axis=-1)
-  return model(inputs_BT, chunk_len=cfg.sleep.chunk_len), None
+  return model(inputs_BT)[0], None
+
+
+def logits(model: nnx.Module, tokens_BT: jax.Array, cfg: Config) -> jax.Array:
+  """One plain causal pass over whole sequences -> float32 [B, T, V] (what `transformers`
+  computes for an imported model; for a model with eviction, its N = 1 function)."""
+  del cfg  # the model carries its architecture; kept for a uniform public signature
+  return model(tokens_BT)[0]

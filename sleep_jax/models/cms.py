@@ -1,6 +1,5 @@
-"""Continuum Memory System MLPs (paper B): the transformer whose MLP is a chain of levels.
-
-Each block's MLP is a chain, fast to slow (cfg.cms.d_ff[l], level 0 fastest):
+"""Continuum Memory System MLPs (paper B): the MLP of every decoder layer of model.kind = cms
+is a chain of levels, fast to slow (cfg.cms.d_ff[l], level 0 fastest):
 
   x = x + Level_l(norm_l(x))       for l = 0 .. n_levels - 1
   Level(x) = SwiGLU_l(x) + sum_e g_e(x) * silu(x A_e) B_e          A_e [d, r], B_e [r, d]
@@ -14,8 +13,7 @@ the k highest-scoring active experts fire per token (sparse); expansion is then 
 long as fewer than k experts were active.
 
 Levels are updated at different frequencies (cfg.cms.update_every, "chunk sizes" in steps):
-see `cms_update_labels`, used by train.make_optimizer. Decoding reuses the transformer's
-KV-cache decoder (blocks expose `mlp_residual`).
+see `cms_update_labels`, used by train.make_optimizer.
 """
 
 from __future__ import annotations
@@ -24,9 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sleep_jax.config import ModelConfig
-from sleep_jax.models.layers import MLP, Attention, RMSNorm, param, short_conv
-from sleep_jax.models.transformer import Block, Transformer
+from sleep_jax.models.layers import MLP, RMSNorm, param
 
 
 class LowRankExpert(nnx.Module):
@@ -73,24 +69,6 @@ class CMSLevel(nnx.Module):
     return out
 
 
-class CMSBlock(Block):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.d_model, rngs=rngs)
-    self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.head_dim, rngs=rngs, std=cfg.init_std, rope_base=cfg.rope_base)
-    self.conv = short_conv(cfg, rngs)
-    self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std) for f in cfg.cms.d_ff])
-
-  def mlp_residual(self, x_BTD):
-    for level in self.levels:
-      x_BTD = x_BTD + level(x_BTD)
-    return x_BTD
-
-
-class CMSTransformer(Transformer):
-  """Causal transformer LM with CMS MLP chains (same forward and decoder as Transformer)."""
-  block_cls = CMSBlock
-
-
 def level_of(path) -> int | None:
   """CMS level index of a parameter path (blocks/levels/<l>/...), None outside the chain."""
   keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
@@ -104,3 +82,32 @@ def cms_update_labels(params) -> object:
   """Per-leaf optimizer labels: 'level<l>' inside the CMS chain, 'rest' elsewhere."""
   return jax.tree_util.tree_map_with_path(
       lambda path, _: "rest" if level_of(path) is None else f"level{level_of(path)}", params)
+
+
+# -- the CMS chain inside a decoder's parameter dict (any architecture: every layer group whose
+#    layers carry `levels`) ---------------------------------------------------------------
+def cms_groups(params: dict) -> list:
+  """Keys of params["groups"] whose layers have a CMS chain."""
+  groups = params["groups"]
+  keys = [g for g in sorted(groups) if "levels" in groups[g]]
+  if not keys:
+    raise ValueError("this model has no CMS levels (model.kind must be 'cms')")
+  return keys
+
+
+def level_count(params: dict) -> int:
+  return len(params["groups"][cms_groups(params)[0]]["levels"])
+
+
+def expert_slots(params: dict, level: int) -> dict:
+  """The expert slots of `level` in the first CMS group (every group has the same slots)."""
+  return params["groups"][cms_groups(params)[0]]["levels"][level]["experts"]
+
+
+def map_levels(params: dict, fn) -> dict:
+  """params with fn(level index, level dict) -> level dict applied in every CMS group."""
+  groups = dict(params["groups"])
+  for g in cms_groups(params):
+    levels = {lvl: fn(lvl, sub) for lvl, sub in groups[g]["levels"].items()}
+    groups[g] = {**groups[g], "levels": levels}
+  return {**params, "groups": groups}

@@ -1,6 +1,6 @@
 """Function-preserving expansion of CMS models: expert activation and whole-model growth.
 
-Both act on the pure parameter dict (nnx.to_pure_dict of a CMSTransformer), so they run
+Both act on the pure parameter dict (nnx.to_pure_dict of a cms Decoder), so they run
 under jit with the student's out_shardings: the teacher's checkpoint lands directly in the
 student's (larger, differently laid out) mesh.
 
@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sleep_jax.config import Config
+from sleep_jax.models import cms
 
 GROWN_AXES = ("embed", "mlp", "heads")
 # Leaf name -> the logical axes it contracts over (its inputs). Everything else (embedding
@@ -62,20 +63,20 @@ def set_expert(params: dict, level: int, slot: int, *, active: bool) -> dict:
 
 def reset_level(params: dict, level: int) -> dict:
   """Synaptic pruning: every added expert of `level` inactive with B = 0."""
-  n = len(params["blocks"]["levels"][level]["experts"])
+  n = len(cms.expert_slots(params, level))
   for slot in range(n):
     params = set_expert(params, level, slot, active=False)
   return params
 
 
 def active_slots(params: dict, level: int) -> list[int]:
-  experts = params["blocks"]["levels"][level]["experts"]
+  experts = cms.expert_slots(params, level)
   return [e for e in sorted(experts) if float(np.asarray(experts[e]["active"]).max()) > 0]
 
 
 def next_free_slot(params: dict, level: int) -> int:
   used = active_slots(params, level)
-  free = [e for e in sorted(params["blocks"]["levels"][level]["experts"]) if e not in used]
+  free = [e for e in sorted(cms.expert_slots(params, level)) if e not in used]
   if not free:
     raise ValueError(f"CMS level {level} has no free expert slot (raise model.cms.experts)")
   return free[0]
@@ -108,7 +109,7 @@ def grow_params(small: dict, small_logical: dict, big_init: dict, *, width: int)
         if n in INPUT_AXES.get(name, ()):
           x = x / width
     p = _path(path)
-    if p[0] == "blocks" and big.shape[0] > x.shape[0]:  # stacked layers: append identity layers
+    if p[0] == "groups" and big.shape[0] > x.shape[0]:  # stacked layers: append identity layers
       new = big[x.shape[0]:]
       if name in OUTPUT_PROJECTIONS or (name in ("b", "active") and "experts" in p):
         new = jnp.zeros_like(new)

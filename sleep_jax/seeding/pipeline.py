@@ -88,8 +88,8 @@ def accuracy(m: ModelOnMesh, params, world: FactWorld, which: str) -> float:
 def divergence_to_teacher(t: ModelOnMesh, t_params, s: ModelOnMesh, s_params, world: FactWorld) -> float:
   """Forward KL(T||S) per answer token on the teacher's greedy answers to every known fact."""
   seq = jnp.asarray(greedy_answers(t, t_params, world.prompts(world.facts("all")), world.attr_len))
-  t_logits = nnx.merge(t.graphdef, t_params)(seq[:, :-1])
-  s_logits = nnx.merge(s.graphdef, s_params)(seq[:, :-1])
+  t_logits = nnx.merge(t.graphdef, t_params)(seq[:, :-1])[0]
+  s_logits = nnx.merge(s.graphdef, s_params)(seq[:, :-1])[0]
   mask = (jnp.arange(seq.shape[1] - 1) >= PROMPT_LEN - 1)[None].repeat(seq.shape[0], 0)
   return float(distill.masked_mean(distill.token_divergence(t_logits, s_logits, "fkl"), mask))
 
@@ -139,7 +139,7 @@ def expand_student(cfg: Config, t: ModelOnMesh, s: ModelOnMesh, teacher_params) 
   slow = len(cfg.model.cms.d_ff) - 1
   grown = expand.set_expert(grown, slow, expand.next_free_slot(jax.device_get(grown), slow), active=True)
   probe = jnp.asarray(_probe_tokens(cfg))
-  diff = float(jnp.max(jnp.abs(nnx.merge(s.graphdef, grown)(probe) - nnx.merge(t.graphdef, teacher_params)(probe))))
+  diff = float(jnp.max(jnp.abs(nnx.merge(s.graphdef, grown)(probe)[0] - nnx.merge(t.graphdef, teacher_params)(probe)[0])))
   return expand.reset_level(grown, FAST), diff
 
 

@@ -32,6 +32,11 @@ from sleep_jax.seeding import distill, imitate
 from sleep_jax.seeding.expand import _path
 
 
+def _logits_fn(model):
+  """tokens -> logits of a decoder (its state output dropped)."""
+  return lambda tokens_BT: model(tokens_BT)[0]
+
+
 def train_labels(params: dict, *, level: int, slot: int | None) -> Any:
   """'train' for expert `slot` of CMS `level` (slot None: that level's base MLP), else 'freeze'."""
   def label(path, _):
@@ -63,7 +68,7 @@ def sft_step(graphdef, tx, state, batch):
   inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
 
   def loss_fn(params):
-    logits = nnx.merge(graphdef, params)(inputs)
+    logits = nnx.merge(graphdef, params)(inputs)[0]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return distill.masked_mean(ce, mask)
 
@@ -89,7 +94,7 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
   B, T = tokens.shape
   rng = jax.random.fold_in(state["rng"], state["step"])
   r_on, r_im, r_cut = jax.random.split(rng, 3)
-  teacher = nnx.merge(t_graphdef, teacher_params)
+  teacher = _logits_fn(nnx.merge(t_graphdef, teacher_params))
   frozen = jax.lax.stop_gradient(state["params"])
   if gather is not None:
     frozen = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, gather), frozen)
@@ -113,11 +118,11 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
     rewards, r_abs = imitate.imitation_reward(jnp.take_along_axis(comp, idx, 1), jnp.take_along_axis(dreams, idx, 1),
                                               T - cut, z0=sc.z0, r_sem_B=r_sem, gamma=sc.gamma)
     adv = imitate.group_advantages(rewards.reshape(-1, G)).reshape(-1)
-    ref = nnx.merge(s_graphdef, ref_params)
+    ref = _logits_fn(nnx.merge(s_graphdef, ref_params))
     lp_ref = jax.lax.stop_gradient(distill.sequence_log_probs(ref(comp[:, :-1]), comp[:, 1:]))
 
   def loss_fn(params):
-    student = nnx.merge(s_graphdef, params)
+    student = _logits_fn(nnx.merge(s_graphdef, params))
     m = {"distill_off": distill.masked_mean(div(t_off, student(tokens[:, :-1])), mask[:, 1:])}
     d = m["distill_off"]
     if lam > 0:
