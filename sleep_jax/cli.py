@@ -113,7 +113,8 @@ def _extra_commands():
   import importlib
 
   out = []
-  for mod in ("sleep_jax.sweep", "sleep_jax.seeding.cli", "sleep_jax.dreaming.cli", "sleep_jax.launch.cli"):
+  for mod in ("sleep_jax.sweep", "sleep_jax.seeding.cli", "sleep_jax.dreaming.cli", "sleep_jax.launch.cli",
+              "sleep_jax.hf.cli"):
     try:
       out.append(importlib.import_module(mod).register)
     except ModuleNotFoundError as e:
@@ -128,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
   from sleep_jax.checkpoint import CheckpointError
   from sleep_jax.config import ConfigError
   from sleep_jax.data import DataError
+  from sleep_jax.hf.safetensors_io import HFError
   from sleep_jax.loop import NonFiniteLoss
+  from sleep_jax.tokenizer import TokenizerError
 
   try:
     return args.func(args)
-  except (ConfigError, DataError, CheckpointError) as e:
+  except (ConfigError, DataError, CheckpointError, HFError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except NonFiniteLoss as e:

@@ -352,6 +352,14 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     if overrides:
       merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     cfg = OmegaConf.to_object(merged)
+    if cfg.model.init_from:  # the checkpoint decides the architecture; the run the rest
+      from sleep_jax.hf.registry import resolve_init_from
+      from sleep_jax.hf.safetensors_io import HFError
+
+      try:
+        cfg = dataclasses.replace(cfg, model=resolve_init_from(cfg.model))
+      except HFError as e:
+        raise ConfigError(f"bad value for config key 'model.init_from': {e}") from None
   except ConfigError:
     raise
   except (oc_errors.OmegaConfBaseException, yaml.YAMLError) as e:

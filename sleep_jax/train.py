@@ -135,6 +135,15 @@ class Trainer:
   # -- state -------------------------------------------------------------------------------
   def init_state(self) -> dict[str, Any]:
     seed = self.cfg.seed
+    if self.cfg.model.init_from:  # a pretrained checkpoint: its tensors straight onto the mesh
+      from sleep_jax.hf import load_params
+
+      params = load_params(self.cfg.model.init_from, self.cfg, self.param_shardings)
+      opt = self.state_shardings["opt_state"]
+      rep = self.state_shardings["step"]
+      return {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params,
+              "opt_state": jax.jit(self.tx.init, out_shardings=opt)(params),
+              "rng": jax.device_put(jax.random.PRNGKey(seed + 1), rep)}
 
     def init():
       params = nnx.to_pure_dict(nnx.split(self.make_model(nnx.Rngs(seed)))[1])

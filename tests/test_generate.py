@@ -19,12 +19,16 @@ def rule110_prompt(B=2, K=3, W=8, L=8):
   return np.stack([rule110.sample(rng, K=K, W=W, steps=1, chunk_len=L)["tokens"] for _ in range(B)])
 
 
-@pytest.mark.parametrize("eviction,passes,attn_conv", [("hard", 3, 0), ("sliding", 2, 0), ("sliding", 2, 3)])
-def test_greedy_decode_reproduces_sleep_forward(eviction, passes, attn_conv):
+@pytest.mark.parametrize("eviction,passes,attn_conv,layers", [("hard", 3, 0, []), ("sliding", 2, 0, []),
+                                                              ("sliding", 2, 3, []), ("sliding", 3, 0, [1, 3])])
+def test_greedy_decode_reproduces_sleep_forward(eviction, passes, attn_conv, layers):
   """Token by token with sleeps every L tokens == Algorithm 1 over the decoded sequence with
-  every full chunk consolidating (logits of every position, and the greedy choices)."""
-  cfg = tiny_cfg(eviction, passes=passes)
+  every full chunk consolidating (logits of every position, and the greedy choices); with
+  sleep.layers the decoder sleeps over that range only."""
+  cfg = tiny_cfg(eviction, passes=passes, layers=layers)
   cfg.model.attn_conv = attn_conv  # a short conv before attention, its own decode cache
+  if layers:
+    cfg.model.pattern_repeats = 2  # attn gdn | attn gdn: a layer after the range too
   model = make_model(cfg)
   tokens = rule110_prompt()  # T = 3*8 + 1 + 3 = 28
   prompt, steps = jnp.asarray(tokens[:, :20]), 10

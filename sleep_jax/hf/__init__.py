@@ -23,27 +23,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from sleep_jax.hf import registry
+from sleep_jax.hf.registry import read_hf_config
 from sleep_jax.hf.safetensors_io import CheckpointReader, HFError, write_checkpoint
 
 __all__ = ["HFError", "load", "load_params", "save", "read_hf_config", "config_from_hf"]
 
 _IGNORED = ("mtp.", "model.visual.")  # Qwen3.5 wrapper: multi-token prediction and vision towers
-
-
-def read_hf_config(path: str) -> dict:
-  f = os.path.join(path, "config.json")
-  if not os.path.isdir(path):
-    raise HFError(f"not a Hugging Face checkpoint directory: {path}")
-  if not os.path.exists(f):
-    raise HFError(f"{path} has no config.json")
-  try:
-    with open(f) as fh:
-      hf = json.load(fh)
-  except (OSError, ValueError) as e:
-    raise HFError(f"malformed {f}: {' '.join(str(e).split())}") from None
-  if not isinstance(hf, dict):
-    raise HFError(f"malformed {f}: top level must be an object")
-  return hf
 
 
 def config_from_hf(path: str, cfg=None, *, dtype: str = "float32"):

@@ -17,6 +17,8 @@ one-line HFError.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -138,6 +140,32 @@ def fused_ba(name: str, nk: int, nv: int) -> Rule:
 
 
 # -- config.json <-> ModelConfig ----------------------------------------------------------------
+def read_hf_config(path: str) -> dict:
+  """A checkpoint directory's config.json; HFError (one line) if absent or malformed."""
+  f = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise HFError(f"not a Hugging Face checkpoint directory: {path}")
+  if not os.path.exists(f):
+    raise HFError(f"{path} has no config.json")
+  try:
+    with open(f) as fh:
+      hf = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise HFError(f"malformed {f}: {' '.join(str(e).split())}") from None
+  if not isinstance(hf, dict):
+    raise HFError(f"malformed {f}: top level must be an object")
+  return hf
+
+
+def resolve_init_from(mc):
+  """ModelConfig with model.init_from's architecture (ARCH_FIELDS) in place of its own."""
+  if not mc.init_from:
+    return mc
+  path = os.path.abspath(os.path.expanduser(mc.init_from))
+  fields = {k: v for k, v in model_fields(read_hf_config(path)).items() if k in ARCH_FIELDS}
+  return dataclasses.replace(mc, **fields, init_from=path)
+
+
 def _rope(hf: dict) -> tuple[float, dict, float]:
   """(theta, scaling, partial rotary factor) from transformers 5's rope_parameters or the older
   top-level rope_theta / rope_scaling / partial_rotary_factor."""
