@@ -127,7 +127,10 @@ def load_params(path: str, cfg, shardings, *, dtype: str = "float32") -> dict:
   out = jax.tree.map(lambda _: None, abstract)
   with CheckpointReader(path) as reader:
     views = _views(reader, _plan(fam, cfg.model, prefix, pattern, repeats), abstract)
-    for p, rows in views.items():
+    # Largest first: while a tensor is placed its file pages (and any dtype-converted copy)
+    # are resident beside it, so the peak is set by the first, when little else is placed.
+    size = lambda p: int(np.prod(_get(abstract, p).shape))  # noqa: E731
+    for p, rows in sorted(views.items(), key=lambda kv: -size(kv[0])):
       leaf, sharding = _get(abstract, p), _get(shardings, p)
       stacked = p[0] == "groups"
 
@@ -136,7 +139,9 @@ def load_params(path: str, cfg, shardings, *, dtype: str = "float32") -> dict:
           return np.asarray(rows[0][1][index], np_dtype)
         return np.stack([np.asarray(rows[r][1][index[1:]], np_dtype) for r in range(len(rows))[index[0]]])
 
-      _set(out, p, jax.make_array_from_callback(leaf.shape, sharding, fetch))
+      # Ready before its pages are dropped: the host-to-device copy is asynchronous, and pages
+      # it faults in after a release would stay resident.
+      _set(out, p, jax.make_array_from_callback(leaf.shape, sharding, fetch).block_until_ready())
       for name in dict.fromkeys(n for n, _ in rows):
         reader.release(name)  # its pages leave host memory (a shared tensor is re-read: still exact)
   return out
