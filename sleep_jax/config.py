@@ -41,7 +41,9 @@ class ModelConfig:
   n_heads: int = 4
   head_dim: int = 32
   d_ff: int = 512
-  n_layers: int = 2  # transformer depth; hybrid depth = len(layer_pattern) * pattern_repeats
+  n_layers: int = 2  # transformer / cms depth; hybrid depth = len(layer_pattern) * pattern_repeats
+  # hybrid: layer i is layer_pattern[i % P]: gdn, attn (evicted as model.eviction says) or
+  # attn:none / attn:hard / attn:sliding (an attention layer with its own eviction)
   layer_pattern: list[str] = field(default_factory=lambda: ["attn", "gdn"])
   pattern_repeats: int = 1
   max_len: int = 2048  # RoPE table length

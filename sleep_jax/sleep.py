@@ -7,6 +7,12 @@ S (the GDN states) starts at 0 and is carried by a `lax.scan` over chunks. Per c
   consolidation chunk:  h_n, S_n = Blocks(h_{n-1}, S_{n-1}) for n = 2..N ; carry S_N
   prediction chunk:     carry S_1
 
+With sleep.layers = [lo, hi) the extra passes loop only those layers (paper A's Jet-Nemotron
+recipe): the layers before lo run once, the layers from hi on run once more on the last
+pass's features, from the S they had before the chunk. Every pass starts from the decoder
+state the chunk found (models/decoder.py): its KV and conv caches, with S from the pass
+before; only S changes between passes.
+
 Logits always come from pass 1, because that is what wake inference computes (one forward
 pass per token, `generate.py`); for a prediction chunk it is the only pass. Features and the
 KV cache are dropped at chunk boundaries (hard eviction); with eviction == "sliding" the
@@ -38,7 +44,7 @@ from flax import nnx
 
 from sleep_jax.config import Config
 
-PassFn = Callable[[jax.Array, tuple], tuple[jax.Array, tuple, tuple]]  # (h, S) -> (h, S, kv)
+PassFn = Callable[[jax.Array, tuple], tuple[jax.Array, tuple, tuple]]  # (h, S) -> (h, S, rest of the state)
 
 
 def _select_B(take_B, new, old, batch_axis: int):
@@ -259,7 +265,7 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
 
 
 def gdn_only_mask(params) -> Any:
-  """bool pytree over a HybridLM param dict: True on every parameter of a GDN layer.
+  """bool pytree over a decoder param dict: True on every parameter of a GDN layer.
 
   A "GDN layer" is the whole layer at a GDN pattern position (mixer, its MLP and norms);
   embeddings, attention layers and the final norm are False. For the sliding-window recipe's
