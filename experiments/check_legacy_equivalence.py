@@ -52,6 +52,9 @@ def check(path, overrides, T=None):
   old_p = nnx.to_pure_dict(ost); new_p = convert(old_p)
   want_struct = jax.tree.structure(nnx.to_pure_dict(nst))
   assert jax.tree.structure(new_p) == want_struct, (jax.tree.structure(new_p), want_struct)
+  # The same seed draws the same initial model.
+  same_init = all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(new_p), jax.tree.leaves(nnx.to_pure_dict(nst))))
+  assert same_init, f"{path} {overrides}: seed 0 no longer gives the initial model it gave"
   nnx.replace_by_pure_dict(nst, new_p); nm = nnx.merge(ng, nst)
   T = T or cfg.data.seq_len
   rng = np.random.default_rng(0)

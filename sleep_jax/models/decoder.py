@@ -77,17 +77,25 @@ class Layer(nnx.Module):
     self.kind = kind
     norm = lambda: RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, offset=cfg.norm_offset)
     self.mixer_norm = norm()
+    # model.attn_conv: a short conv before attention's q/k/v (layers.ShortConv). It is drawn
+    # where each model kind drew it before the kinds became one decoder, so that a seed still
+    # gives the same initial model (and committed results their numbers).
+    conv_at = {"hybrid": "first", "cms": "after_attn"}.get(cfg.kind, "last") if kind != "gdn" else None
     if kind == "gdn":
       self.gdn = GatedDeltaNet(cfg, rngs=rngs)
     else:
-      # model.attn_conv: a short conv before attention's q/k/v (layers.ShortConv).
-      self.conv = short_conv(cfg, rngs)
+      if conv_at == "first":
+        self.conv = short_conv(cfg, rngs)
       self.attn = Attention(cfg, rngs=rngs)
+      if conv_at == "after_attn":
+        self.conv = short_conv(cfg, rngs)
     if cfg.kind == "cms":
       self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std) for f in cfg.cms.d_ff])
     else:
       self.mlp_norm = norm()
       self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std)
+    if conv_at == "last":
+      self.conv = short_conv(cfg, rngs)
 
   def mlp_residual(self, h):
     if hasattr(self, "levels"):

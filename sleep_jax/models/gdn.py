@@ -63,9 +63,20 @@ class GatedDeltaNet(nnx.Module):
     self.wk = param(rngs, (D, Hk, dk), ("embed", "heads", "kv"), std)
     self.wv = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std)
     # Depthwise filters over the q, k and v channels; tap W - 1 multiplies the current token.
-    self.conv_q = param(rngs, (W, Hk, dk), (None, "heads", "kv"), 1.0 / math.sqrt(W))
-    self.conv_k = param(rngs, (W, Hk, dk), (None, "heads", "kv"), 1.0 / math.sqrt(W))
-    self.conv_v = param(rngs, (W, Hv, dv), (None, "heads", "kv"), 1.0 / math.sqrt(W))
+    # One draw for all three (laid out per head as q|k|v when the head shapes agree, as the
+    # single filter of earlier versions was), so a seed gives the model it gave before.
+    std_conv = 1.0 / math.sqrt(W)
+    draw = lambda shape: std_conv * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    if (Hk, dk) == (Hv, dv):
+      w = draw((W, Hk, 3 * dk))
+      cq, ck, cv = w[..., :dk], w[..., dk:2 * dk], w[..., 2 * dk:]
+    else:
+      w = draw((W, 2 * Hk * dk + Hv * dv))
+      cq, ck, cv = (w[:, a:b].reshape(W, h, d) for a, b, h, d in (
+          (0, Hk * dk, Hk, dk), (Hk * dk, 2 * Hk * dk, Hk, dk), (2 * Hk * dk, w.shape[1], Hv, dv)))
+    self.conv_q = _init_param(rngs, cq, (None, "heads", "kv"))
+    self.conv_k = _init_param(rngs, ck, (None, "heads", "kv"))
+    self.conv_v = _init_param(rngs, cv, (None, "heads", "kv"))
     self.wa = param(rngs, (D, Hv), ("embed", "heads"), std)
     self.wb = param(rngs, (D, Hv), ("embed", "heads"), std)
     self.wg = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std)
