@@ -1,18 +1,26 @@
 """`sleep-jax` command line: train, eval (more sub-commands register themselves here).
 
-Errors a user can fix (config, data, checkpoint) print one line and exit 2; a non-finite
-loss exits 3; preemption (SIGTERM) exits 75 after saving.
+Errors a user can fix (config, data, run dir in use, checkpoint) print one line and exit 2;
+a non-finite loss exits 3; a failed checkpoint save 74; preemption (SIGTERM, at any
+moment) 75, after saving if there is anything to save; Ctrl-C 130 after saving at the next
+step boundary (exit_codes.py, signals.py). The process always exits: if background threads
+(orbax's, after a failed save) still hold it EXIT_TIMEOUT_S after the command is done, it
+leaves without them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
 
-EXIT_USAGE = 2
+from sleep_jax import exit_codes, signals
+
+EXIT_USAGE = exit_codes.USAGE
+EXIT_TIMEOUT_S = float(os.environ.get("SLEEP_JAX_EXIT_TIMEOUT", "20"))
+
+import argparse  # noqa: E402 - after the signal module: nothing slow may come before main()
+import json  # noqa: E402
+import logging  # noqa: E402
 
 
 def _setup_logging() -> None:
@@ -45,6 +53,8 @@ def cmd_eval(args) -> int:
   from sleep_jax.config import ConfigError, load_config
   from sleep_jax.evaluate import evaluate_run_dir
 
+  if args.batches is not None and args.batches < 1:
+    raise ConfigError(f"bad value for --batches: {args.batches} (must be >= 1)")
   path = os.path.join(args.run_dir, "config.yaml")
   if not os.path.exists(path):
     raise ConfigError(f"{args.run_dir} is not a run dir (no config.yaml)")
@@ -88,10 +98,10 @@ def _extra_commands():
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
   args = build_parser().parse_args(argv)
   _setup_logging()
-  from sleep_jax.checkpoint import CheckpointError
+  from sleep_jax.checkpoint import CheckpointError, SaveFailed
   from sleep_jax.config import ConfigError
   from sleep_jax.data import DataError
   from sleep_jax.loop import NonFiniteLoss
@@ -101,9 +111,47 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, DataError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
-  except NonFiniteLoss as e:
+  except (NonFiniteLoss, SaveFailed) as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
+
+
+def _exit_watchdog(code: int) -> None:
+  """Leave with `code` even if non-daemon threads would keep the interpreter from exiting."""
+  import threading
+  import time
+
+  def watch():
+    time.sleep(EXIT_TIMEOUT_S)
+    busy = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    try:
+      print(f"exit: background threads still running after {EXIT_TIMEOUT_S:.0f} s ({', '.join(busy[:5])}); "
+            f"exiting with code {code} without them", file=sys.stderr, flush=True)
+    finally:
+      os._exit(code)
+
+  threading.Thread(target=watch, name="exit_watchdog", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+  """As the program (argv None): signals first, and the process always exits. Called with
+  argv (tests, other Python code): the handlers are put back and nothing is forced."""
+  signals.install()
+  try:
+    code = _run(argv)
+  except SystemExit as e:  # Preempted / Interrupted / argparse: keep their codes
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if argv is not None:
+      raise
+  except KeyboardInterrupt:  # a SIGINT before the handler (or in code that swallowed it)
+    print(f"interrupted (exit {exit_codes.INTERRUPTED})", file=sys.stderr)
+    code = exit_codes.INTERRUPTED
+  finally:
+    if argv is not None:
+      signals.uninstall()
+  if argv is None:
+    _exit_watchdog(code)
+  return code
 
 
 if __name__ == "__main__":
