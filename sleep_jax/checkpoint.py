@@ -33,7 +33,7 @@ log = logging.getLogger("sleep_jax")
 PREEMPTED_EXIT_CODE = exit_codes.PREEMPTED  # EX_TEMPFAIL: "try again"; launchers requeue / retry on it
 NONFINITE_EXIT_CODE = exit_codes.NONFINITE
 SAVE_FAILED_EXIT_CODE = exit_codes.SAVE_FAILED
-_CLOSE_TIMEOUT_S = 20.0  # a manager whose save failed may never finish closing: abandon it
+_CLOSE_TIMEOUT_S = 10.0  # a manager whose save failed may never finish closing: abandon it
 
 
 class CheckpointError(RuntimeError):

@@ -23,8 +23,23 @@ import json  # noqa: E402
 import logging  # noqa: E402
 
 
+class _OneLineFromLibraries(logging.Filter):
+  """orbax (through absl logging) logs every failure of its background threads with a full
+  traceback (several, for one failed save); the command reports the failure itself in one
+  line, so theirs are cut to their first line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    lib = record.name == "absl" or record.name.startswith("orbax") or "/orbax/" in (record.pathname or "")
+    if record.exc_info and lib:
+      record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], None
+      record.exc_info = record.exc_text = None
+    return True
+
+
 def _setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_OneLineFromLibraries())
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -116,16 +131,16 @@ def _run(argv: list[str] | None) -> int:
     return e.exit_code
 
 
-def _exit_watchdog(code: int) -> None:
+def _exit_watchdog(code: int, timeout_s: float) -> None:
   """Leave with `code` even if non-daemon threads would keep the interpreter from exiting."""
   import threading
   import time
 
   def watch():
-    time.sleep(EXIT_TIMEOUT_S)
+    time.sleep(timeout_s)
     busy = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()]
     try:
-      print(f"exit: background threads still running after {EXIT_TIMEOUT_S:.0f} s ({', '.join(busy[:5])}); "
+      print(f"exit: background threads still running after {timeout_s:.0f} s ({', '.join(busy[:5])}); "
             f"exiting with code {code} without them", file=sys.stderr, flush=True)
     finally:
       os._exit(code)
@@ -150,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
       signals.uninstall()
   if argv is None:
-    _exit_watchdog(code)
+    # After a failed save orbax's threads are known not to finish: do not wait long for them.
+    _exit_watchdog(code, min(EXIT_TIMEOUT_S, 3.0) if code == exit_codes.SAVE_FAILED else EXIT_TIMEOUT_S)
   return code
 
 
