@@ -80,8 +80,16 @@ def cmd_eval(args) -> int:
   return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """A bad option (`--nodes 1.5`, a missing argument) is one line, exit 2, like every other
+  bad input; the usage is one `--help` away. Sub-command parsers inherit the class."""
+
+  def error(self, message: str):
+    self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="sleep-jax", description="Language models that sleep, in JAX.")
+  p = _OneLineParser(prog="sleep-jax", description="Language models that sleep, in JAX.")
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a model from a YAML config",
                      description="Train (or resume, if RUN_DIR holds checkpoints) and print the final eval.")

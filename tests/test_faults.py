@@ -358,6 +358,19 @@ def test_bad_files_and_options_get_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and expected in err and "\n" not in err, err
 
 
+@pytest.mark.parametrize("args", [
+    ["launch", "slurm", "--nodes", "1.5", "--dry-run", "--", "train", TINY],
+    ["eval", "run", "--batches", "two"],
+    ["train"],
+])
+def test_bad_options_get_one_line(args, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(args)
+  assert e.value.code == exit_codes.USAGE
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: sleep-jax ") and "\n" not in err, err
+
+
 # -- multi-process start-up ----------------------------------------------------------------
 
 
