@@ -7,8 +7,8 @@ detection. Must run before any other JAX call.
 
 Time-outs that hold on a loaded machine: start-up waits SLEEP_JAX_DISTRIBUTED_TIMEOUT
 seconds (default 600) for every process; on CPU, XLA's collective "stuck" limit is raised
-to the same; and before its first collective a job meets at a coordination-service barrier
-(same time-out) and then runs one tiny all-device collective, so gloo builds its
+to the same; and right after start-up the processes meet at a coordination-service barrier
+(same time-out) and run one tiny all-device collective, so that gloo builds its
 communicator while every process is there (its key-value rendezvous gives up after 30 s,
 which a process still restoring or compiling on a busy machine can miss).
 """
@@ -74,6 +74,9 @@ def maybe_initialize(cfg: DistributedConfig) -> bool:
     return False
   _initialized = True
   log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  # Now, while the processes are together: orbax (restore, step listing) and the first
+  # step may run the first collective much later on one process than on another.
+  sync_before_first_collective()
   return True
 
 
