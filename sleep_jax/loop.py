@@ -49,31 +49,15 @@ class Interrupted(SystemExit):
     super().__init__(exit_codes.INTERRUPTED)
 
 
-def holds_saved_work(run_dir: str) -> bool:
-  """True if anything restorable lives under run_dir: a checkpoint step (of the run or of a
-  pipeline stage) or a finished result."""
-  for root, dirs, files in os.walk(run_dir):
-    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
-      return True
-    if "eval.json" in files or "point.json" in files:
-      return True
-    dirs[:] = [d for d in dirs if d not in ("tensorboard", "logs")]
-  return False
-
-
 def check_saved_config(cfg: config_lib.Config) -> None:
-  """Refuse to resume a run dir whose saved config computes something else.
-
-  A run dir that holds nothing restorable (a start that failed before its first
-  checkpoint) is not a run to protect: its config.yaml is replaced, with a warning."""
+  """Refuse to resume a run dir whose saved config computes something else. (A start that
+  fails its checks writes no config.yaml: see preflight.py.)"""
   path = os.path.join(cfg.run_dir, "config.yaml")
   if not os.path.exists(path):
     return
   saved = config_lib.load_config(path)
   changed = [d for d in config_lib.diff(saved, cfg) if not d.startswith(RESUMABLE_CHANGES)]
-  if changed and not holds_saved_work(cfg.run_dir):
-    log.warning("run dir %s holds no checkpoint yet: its config.yaml is replaced (%s)", cfg.run_dir, "; ".join(changed))
-  elif changed:
+  if changed:
     raise config_lib.ConfigError(f"run dir {cfg.run_dir} holds a run with a different config: {'; '.join(changed)}")
 
 
