@@ -1,22 +1,45 @@
 """`sleep-jax` command line: train, eval (more sub-commands register themselves here).
 
-Errors a user can fix (config, data, checkpoint) print one line and exit 2; a non-finite
-loss exits 3; preemption (SIGTERM) exits 75 after saving.
+Errors a user can fix (config, data, run dir in use, checkpoint) print one line and exit 2;
+a non-finite loss exits 3; a failed checkpoint save 74; preemption (SIGTERM, at any
+moment) 75, after saving if there is anything to save; Ctrl-C 130 after saving at the next
+step boundary (exit_codes.py, signals.py). The process always exits: if background threads
+(orbax's, after a failed save) still hold it EXIT_TIMEOUT_S after the command is done, it
+leaves without them.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
 
-EXIT_USAGE = 2
+from sleep_jax import exit_codes, signals
+
+EXIT_USAGE = exit_codes.USAGE
+EXIT_TIMEOUT_S = float(os.environ.get("SLEEP_JAX_EXIT_TIMEOUT", "20"))
+
+import argparse  # noqa: E402 - after the signal module: nothing slow may come before main()
+import json  # noqa: E402
+import logging  # noqa: E402
+
+
+class _OneLineFromLibraries(logging.Filter):
+  """orbax (through absl logging) logs every failure of its background threads with a full
+  traceback (several, for one failed save); the command reports the failure itself in one
+  line, so theirs are cut to their first line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    lib = record.name == "absl" or record.name.startswith("orbax") or "/orbax/" in (record.pathname or "")
+    if record.exc_info and lib:
+      record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], None
+      record.exc_info = record.exc_text = None
+    return True
 
 
 def _setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_OneLineFromLibraries())
   for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -45,6 +68,8 @@ def cmd_eval(args) -> int:
   from sleep_jax.config import ConfigError, load_config
   from sleep_jax.evaluate import evaluate_run_dir
 
+  if args.batches is not None and args.batches < 1:
+    raise ConfigError(f"bad value for --batches: {args.batches} (must be >= 1)")
   path = os.path.join(args.run_dir, "config.yaml")
   if not os.path.exists(path):
     raise ConfigError(f"{args.run_dir} is not a run dir (no config.yaml)")
@@ -55,8 +80,16 @@ def cmd_eval(args) -> int:
   return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+  """A bad option (`--nodes 1.5`, a missing argument) is one line, exit 2, like every other
+  bad input; the usage is one `--help` away. Sub-command parsers inherit the class."""
+
+  def error(self, message: str):
+    self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="sleep-jax", description="Language models that sleep, in JAX.")
+  p = _OneLineParser(prog="sleep-jax", description="Language models that sleep, in JAX.")
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="train a model from a YAML config",
                      description="Train (or resume, if RUN_DIR holds checkpoints) and print the final eval.")
@@ -123,10 +156,10 @@ def _extra_commands():
   return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
   args = build_parser().parse_args(argv)
   _setup_logging()
-  from sleep_jax.checkpoint import CheckpointError
+  from sleep_jax.checkpoint import CheckpointError, SaveFailed
   from sleep_jax.config import ConfigError
   from sleep_jax.data import DataError
   from sleep_jax.hf.safetensors_io import HFError
@@ -138,9 +171,48 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, DataError, CheckpointError, HFError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE
-  except NonFiniteLoss as e:
+  except (NonFiniteLoss, SaveFailed) as e:
     print(f"error: {e}", file=sys.stderr)
     return e.exit_code
+
+
+def _exit_watchdog(code: int, timeout_s: float) -> None:
+  """Leave with `code` even if non-daemon threads would keep the interpreter from exiting."""
+  import threading
+  import time
+
+  def watch():
+    time.sleep(timeout_s)
+    busy = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    try:
+      print(f"exit: background threads still running after {timeout_s:.0f} s ({', '.join(busy[:5])}); "
+            f"exiting with code {code} without them", file=sys.stderr, flush=True)
+    finally:
+      os._exit(code)
+
+  threading.Thread(target=watch, name="exit_watchdog", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+  """As the program (argv None): signals first, and the process always exits. Called with
+  argv (tests, other Python code): the handlers are put back and nothing is forced."""
+  signals.install()
+  try:
+    code = _run(argv)
+  except SystemExit as e:  # Preempted / Interrupted / argparse: keep their codes
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    if argv is not None:
+      raise
+  except KeyboardInterrupt:  # a SIGINT before the handler (or in code that swallowed it)
+    print(f"interrupted (exit {exit_codes.INTERRUPTED})", file=sys.stderr)
+    code = exit_codes.INTERRUPTED
+  finally:
+    if argv is not None:
+      signals.uninstall()
+  if argv is None:
+    # After a failed save orbax's threads are known not to finish: do not wait long for them.
+    _exit_watchdog(code, min(EXIT_TIMEOUT_S, 3.0) if code == exit_codes.SAVE_FAILED else EXIT_TIMEOUT_S)
+  return code
 
 
 if __name__ == "__main__":

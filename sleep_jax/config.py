@@ -322,15 +322,82 @@ def _validate(cfg: Config) -> None:
     v = getattr(cfg.mesh, key)
     if v == 0 or v < -1:
       raise ConfigError(f"bad value for config key 'mesh.{key}': {v} (use a positive size or -1)")
+  _check_ranges(cfg)
+
+
+def _ranges(cfg: Config) -> list[tuple[str, Any, Optional[float], Optional[float], bool]]:
+  """(key, value, low, high, high is exclusive): numeric options and the values that mean something."""
+  m, t, sl, d, sd, dr = cfg.model, cfg.train, cfg.sleep, cfg.data, cfg.seeding, cfg.dreaming
+  inf = None
+  return [
+      ("seed", cfg.seed, 0, inf, False), ("data.seed", d.seed, 0, inf, False),
+      ("model.vocab_size", m.vocab_size, 2, inf, False), ("model.n_heads", m.n_heads, 1, inf, False),
+      ("model.head_dim", m.head_dim, 1, inf, False), ("model.d_ff", m.d_ff, 1, inf, False),
+      ("model.n_layers", m.n_layers, 1, inf, False), ("model.pattern_repeats", m.pattern_repeats, 1, inf, False),
+      ("model.max_len", m.max_len, 1, inf, False), ("model.gdn_conv", m.gdn_conv, 1, inf, False),
+      ("model.gdn_chunk", m.gdn_chunk, 1, inf, False), ("model.init_std", m.init_std, 0, inf, False),
+      ("model.cms.experts", m.cms.experts, 0, inf, False), ("model.cms.rank", m.cms.rank, 1, inf, False),
+      ("model.cms.top_k", m.cms.top_k, 0, inf, False),
+      ("sleep.truncate_passes", sl.truncate_passes, 0, inf, False), ("sleep.adaptive_tol", sl.adaptive_tol, 0, inf, False),
+      ("sleep.warmup_gdn_steps", sl.warmup_gdn_steps, 0, inf, False),
+      ("sleep.single_pass_steps", sl.single_pass_steps, 0, inf, False),
+      ("data.train_examples", d.train_examples, 1, inf, False), ("data.eval_examples", d.eval_examples, 1, inf, False),
+      ("data.prefetch", d.prefetch, 0, inf, False),
+      ("train.lr", t.lr, 0, inf, False), ("train.warmup_steps", t.warmup_steps, 0, inf, False),
+      ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, False), ("train.weight_decay", t.weight_decay, 0, inf, False),
+      ("train.b1", t.b1, 0, 1, True), ("train.b2", t.b2, 0, 1, True), ("train.clip_norm", t.clip_norm, 0, inf, False),
+      ("train.log_every", t.log_every, 1, inf, False), ("train.eval_every", t.eval_every, 0, inf, False),
+      ("train.eval_batches", t.eval_batches, 1, inf, False),
+      ("seeding.fast_steps", sd.fast_steps, 0, inf, False), ("seeding.fast_lr", sd.fast_lr, 0, inf, False),
+      ("seeding.steps", sd.steps, 0, inf, False), ("seeding.lr", sd.lr, 0, inf, False),
+      ("seeding.batch_size", sd.batch_size, 1, inf, False), ("seeding.samples", sd.samples, 1, inf, False),
+      ("seeding.sample_temperature", sd.sample_temperature, 0, inf, False), ("seeding.lam", sd.lam, 0, 1, False),
+      ("seeding.alpha", sd.alpha, 0, 1, False), ("seeding.jsd_beta", sd.jsd_beta, 0, 1, False),
+      ("seeding.temperature", sd.temperature, 0, inf, False), ("seeding.gamma", sd.gamma, 0, 1, False),
+      ("seeding.z0", sd.z0, 0, inf, False), ("seeding.group_size", sd.group_size, 1, inf, False),
+      ("seeding.clip_eps", sd.clip_eps, 0, inf, False), ("seeding.kl_coef", sd.kl_coef, 0, inf, False),
+      ("seeding.eval_every", sd.eval_every, 0, inf, False),
+      ("dreaming.dreams", dr.dreams, 1, inf, False), ("dreaming.dream_temperature", dr.dream_temperature, 0, inf, False),
+      ("dreaming.random_extra", dr.random_extra, 0, inf, False), ("dreaming.lora_rank", dr.lora_rank, 1, inf, False),
+      ("dreaming.copy_steps", dr.copy_steps, 0, inf, False), ("dreaming.copy_lr", dr.copy_lr, 0, inf, False),
+      ("dreaming.rounds", dr.rounds, 0, inf, False), ("dreaming.rest_steps", dr.rest_steps, 0, inf, False),
+      ("dreaming.rest_lr", dr.rest_lr, 0, inf, False), ("dreaming.write_steps", dr.write_steps, 0, inf, False),
+      ("dreaming.write_lr", dr.write_lr, 0, inf, False), ("dreaming.write_batch", dr.write_batch, 0, inf, False),
+      ("dreaming.replay", dr.replay, 0, inf, False), ("dreaming.finetune_lr", dr.finetune_lr, 0, inf, False),
+  ]
+
+
+def _check_ranges(cfg: Config) -> None:
+  if not cfg.model.layer_pattern:
+    raise ConfigError("bad value for config key 'model.layer_pattern': needs at least one layer")
+  if cfg.model.rope_base <= 0:
+    raise ConfigError(f"bad value for config key 'model.rope_base': {cfg.model.rope_base} must be > 0")
+  for p in ("num_processes", "process_id"):
+    v = getattr(cfg.distributed, p)
+    if v is not None and v < (1 if p == "num_processes" else 0):
+      raise ConfigError(f"bad value for config key 'distributed.{p}': {v}")
+  for key, value, low, high, open_high in _ranges(cfg):
+    if value != value:  # NaN
+      raise ConfigError(f"bad value for config key '{key}': nan")
+    if low is not None and value < low:
+      raise ConfigError(f"bad value for config key '{key}': {value} must be >= {low}")
+    if high is not None and (value >= high if open_high else value > high):
+      raise ConfigError(f"bad value for config key '{key}': {value} must be {'<' if open_high else '<='} {high}")
 
 
 def read_yaml_mapping(path: str, what: str, error: type[ConfigError] = ConfigError) -> dict:
   """A YAML file whose top level is a mapping; `error` (one line) if missing or malformed."""
   if not os.path.exists(path):
     raise error(f"{what} file not found: {path}")
+  if os.path.isdir(path):
+    raise error(f"{what} {path} is a directory, not a YAML file")
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       raw = yaml.safe_load(f) or {}
+  except UnicodeDecodeError:
+    raise error(f"{what} file {path} is not UTF-8 text (a binary file?)") from None
+  except OSError as e:
+    raise error(f"cannot read {what} file {path}: {e.strerror or e}") from None
   except yaml.YAMLError as e:
     mark = getattr(e, "problem_mark", None)
     where = f" (line {mark.line + 1})" if mark is not None else ""

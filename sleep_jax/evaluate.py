@@ -51,7 +51,8 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
 def evaluate_run_dir(cfg: Config, *, num_batches: int | None = None) -> dict[str, Any]:
   """Restore the newest readable checkpoint of cfg.run_dir and evaluate it on the eval split."""
   trainer = Trainer(cfg)
-  ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=False)
+  # A reader: it may run beside a training process, so it never moves a checkpoint aside.
+  ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=False, set_aside=False)
   restored = ckpt.restore_latest(trainer.abstract_state)
   ckpt.close()
   if restored is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from sleep_jax import config as config_lib
 from sleep_jax import data as data_lib
-from sleep_jax import distributed
+from sleep_jax import distributed, exit_codes, preflight, run_lock, signals
 from sleep_jax import sharding as shd
 from sleep_jax.evaluate import evaluate
 from sleep_jax.checkpoint import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, Checkpointer
@@ -45,8 +44,14 @@ class Preempted(SystemExit):
     super().__init__(PREEMPTED_EXIT_CODE)
 
 
+class Interrupted(SystemExit):
+  def __init__(self):
+    super().__init__(exit_codes.INTERRUPTED)
+
+
 def check_saved_config(cfg: config_lib.Config) -> None:
-  """Refuse to resume a run dir whose saved config computes something else."""
+  """Refuse to resume a run dir whose saved config computes something else. (A start that
+  fails its checks writes no config.yaml: see preflight.py.)"""
   path = os.path.join(cfg.run_dir, "config.yaml")
   if not os.path.exists(path):
     return
@@ -64,24 +69,42 @@ def any_process(flag: bool) -> bool:
 
 
 class Preemption:
-  """Watches for SIGTERM from construction until `restore()`. `requested()`, called once per
-  step on every process, is True on all of them as soon as any process got the signal, so
-  that they all save the same step and exit together (training loop and pipeline stages)."""
+  """A loop that saves at its step boundaries, from construction until `restore()`: SIGTERM
+  and SIGINT are then recorded (signals.py), not acted on. `requested()`, called once per
+  step on every process, is True on all of them as soon as any process got either, so that
+  they all save the same step; `exit()` then leaves with the signal's code (75 or 130)."""
 
   def __init__(self):
-    self._hit = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, *_):
-    self._hit = True
+    self._own = not signals.installed()  # library use (no CLI): handlers only while the loop runs
+    if self._own:
+      signals.install()
+    signals.enter_saving()
+    self._term = self._int = self._restored = False
 
   def requested(self) -> bool:
+    term, interrupt = signals.pending()
     if jax.process_count() > 1:
-      self._hit = any_process(self._hit)
-    return self._hit
+      from jax.experimental import multihost_utils
+
+      term, interrupt = (bool(x) for x in np.any(multihost_utils.process_allgather(np.array([term, interrupt])), 0))
+    self._term, self._int = term, interrupt
+    return term or interrupt
+
+  def exit(self, what: str, step: int):
+    if self._term:
+      log.warning("SIGTERM: %s saved step %d; exiting with code %d", what, step, PREEMPTED_EXIT_CODE)
+      raise Preempted()
+    log.warning("interrupted: %s saved step %d; exiting with code %d (run the same command to resume)", what, step,
+                exit_codes.INTERRUPTED)
+    raise Interrupted()
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._old)
+    if self._restored:
+      return
+    self._restored = True
+    signals.leave_saving()
+    if self._own:
+      signals.uninstall()
 
 
 def write_config(cfg: config_lib.Config) -> None:
@@ -96,13 +119,16 @@ def write_config(cfg: config_lib.Config) -> None:
 
 def train(cfg: config_lib.Config) -> dict[str, Any]:
   distributed.maybe_initialize(cfg.distributed)
-  check_saved_config(cfg)
-  info = data_lib.dataset_info(cfg.data)
-  if info.vocab_size > cfg.model.vocab_size:
-    raise config_lib.ConfigError(
-        f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the dataset's {info['vocab_size']}")
-  write_config(cfg)
+  # Everything that can be checked is, before the run dir is touched (preflight.py).
+  preflight.check_train(cfg)
   trainer = Trainer(cfg)
+  with run_lock.hold(cfg.run_dir, what="train", process=jax.process_index()):
+    check_saved_config(cfg)
+    write_config(cfg)
+    return _train(cfg, trainer)
+
+
+def _train(cfg: config_lib.Config, trainer: Trainer) -> dict[str, Any]:
   ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   restored = ckpt.restore_latest(trainer.abstract_state)
   if restored is None:
@@ -128,6 +154,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
   last_saved = step
   timing = {"data_s": 0.0, "step_s": 0.0, "save_s": 0.0, "steps": 0}
   try:
+    distributed.sync_before_first_collective()
     t_prev = time.perf_counter()
     while step < cfg.train.steps:
       t0 = time.perf_counter()
@@ -149,6 +176,7 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
                             "data_wait_frac": (t1 - t0) / max(now - t_prev, 1e-9)})
       pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
       pbar.update(1)
+      ckpt.check()  # a failed async save stops the run now, not at the end
       preempted = preemption.requested()
       if step % cfg.checkpoint.every == 0 or preempted:
         t_s = time.perf_counter()
@@ -156,14 +184,15 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
         timing["save_s"] += time.perf_counter() - t_s
         last_saved = step
       if preempted:
-        log.warning("SIGTERM: saved step %d; exiting with code %d", step, PREEMPTED_EXIT_CODE)
-        raise Preempted()
+        preemption.exit("training", step)
       if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
         writer.write(step, evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches))
       t_prev = time.perf_counter()
     if last_saved != step:
       ckpt.save(step, state, it.get_state())
     ckpt.wait()
+    # Everything is saved: from here a signal exits at once (a requeued run re-evaluates).
+    preemption.restore()
     result = evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches)
     writer.write(step, result)
     result.update({"step": step, "timing": timing})

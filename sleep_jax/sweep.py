@@ -301,10 +301,23 @@ def run_point(sweep: Sweep, index: int) -> dict:
   """Train (or resume) point `index`, evaluate it, write its point.json; skip it if done."""
   import jax
 
+  from sleep_jax import distributed, preflight, run_lock
+
+  check_data(sweep, [index])
+  p, cfg = sweep.points[index], sweep.configs[index]
+  distributed.maybe_initialize(cfg.distributed)
+  preflight.check_train(cfg)
+  # The point's lock covers its training and its point.json (train takes it again, re-entrant).
+  with run_lock.hold(p.run_dir, what=f"sweep {sweep.path} --point {index}", process=jax.process_index()):
+    return _run_point(sweep, index)
+
+
+def _run_point(sweep: Sweep, index: int) -> dict:
+  import jax
+
   from sleep_jax import loop
   from sleep_jax.evaluate import evaluate_run_dir
 
-  check_data(sweep, [index])
   p, cfg = sweep.points[index], sweep.configs[index]
   status = point_status(sweep, index)
   if status == "done":

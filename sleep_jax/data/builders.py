@@ -142,10 +142,27 @@ def task_options(cfg) -> tuple[dict, dict]:
   for key, options in (("data.task_options", dict(cfg.task_options)),
                        ("data.eval_task_options", {**dict(cfg.task_options), **dict(cfg.eval_task_options)})):
     try:
-      out.append(tasks_lib.options_for(cfg.task, options))
+      merged = tasks_lib.options_for(cfg.task, options)
     except tasks_lib.UnknownTaskError as e:
       raise DataError(f"{key}: {e}") from None
+    _check_option_types(cfg.task, merged, key)
+    out.append(merged)
   return out[0], out[1]
+
+
+def _check_option_types(task: str, options: dict, key: str) -> None:
+  """Each option has its default's type (None defaults: an int or None), so `n_nodes=2.5`
+  or `hops=abc` is one line here rather than a traceback deep inside a generator."""
+  defaults = tasks_lib.get_task(task).DEFAULTS
+  for name, value in options.items():
+    default = defaults[name]
+    want = type(default) if default is not None else int
+    ok = isinstance(value, (int, float) if want is float else want) and (want is bool or not isinstance(value, bool))
+    if default is None and value is None:
+      ok = True
+    if not ok:
+      kind = {int: "an integer", bool: "true or false", str: "a string", float: "a number"}.get(want, want.__name__)
+      raise DataError(f"{key}.{name}: {value!r} is not {kind}" + (" (or null)" if default is None else ""))
 
 
 def data_seed(cfg) -> int:

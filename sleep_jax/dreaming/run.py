@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed
+from sleep_jax import distributed, preflight, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -131,9 +131,15 @@ def over_seeds(per_seed: list[dict]) -> dict:
 def run_dream(cfg: Config) -> tuple[list[dict], dict]:
   world = _check(cfg)
   distributed.maybe_initialize(cfg.distributed)
-  check_saved_config(cfg)
-  write_config(cfg)
+  preflight.check_mesh(cfg.mesh, cfg.train.batch_size)  # before the run dir is touched
   trainer = Trainer(cfg, mesh=shd.make_mesh(cfg.mesh))
+  with run_lock.hold(cfg.run_dir, what="dream", process=jax.process_index()):
+    check_saved_config(cfg)
+    write_config(cfg)
+    return _run_dream(cfg, world, trainer)
+
+
+def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dict], dict]:
   base_params = pretrain(cfg, world, trainer)
   dreamer = Dreamer(cfg, trainer.graphdef, world)
   speed_path = os.path.join(cfg.run_dir, "vmap_speedup.json")

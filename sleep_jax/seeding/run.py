@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed
+from sleep_jax import distributed, preflight, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -87,10 +87,18 @@ def run_seed(cfg: Config) -> list[dict]:
   check_methods(cfg.seeding)
   world = world_from_config(FactWorld, cfg.seeding.facts, "seeding.facts", cfg.model.vocab_size)
   distributed.maybe_initialize(cfg.distributed)
-  check_saved_config(cfg)
-  write_config(cfg)
+  # Checked before the run dir is touched: both meshes and the batches they split.
+  preflight.check_mesh(cfg.mesh, cfg.train.batch_size)
+  preflight.check_mesh(cfg.seeding.student_mesh, cfg.seeding.batch_size, key="seeding.batch_size")
   t = ModelOnMesh(cfg, shd.make_mesh(cfg.mesh))
   s = ModelOnMesh(expand.student_config(cfg), shd.make_mesh(cfg.seeding.student_mesh))
+  with run_lock.hold(cfg.run_dir, what="seed", process=jax.process_index()):
+    check_saved_config(cfg)
+    write_config(cfg)
+    return _run_seed(cfg, world, t, s)
+
+
+def _run_seed(cfg: Config, world: FactWorld, t: ModelOnMesh, s: ModelOnMesh) -> list[dict]:
   rd = cfg.run_dir
   teacher_params, t_wall = _timed(os.path.join(rd, "teacher", "wall.json"), lambda: train_teacher(cfg, world, t))
 

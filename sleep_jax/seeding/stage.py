@@ -5,7 +5,8 @@ runs `step(state, i) -> (state, metrics)` for i = start .. steps - 1, where star
 the newest readable checkpoint (orbax; corrupt ones are moved aside as in training). A
 finished stage (checkpoint at `steps`) just restores. Batches must be pure functions of the
 step index, so a resumed stage computes exactly what an uninterrupted one would. NaN/Inf
-stops with NonFiniteLoss keeping the last good checkpoint; SIGTERM saves and exits 75.
+stops with NonFiniteLoss keeping the last good checkpoint; SIGTERM saves and exits 75,
+SIGINT saves and exits 130 (both at the next step boundary).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sleep_jax.checkpoint import Checkpointer
-from sleep_jax.loop import NonFiniteLoss, Preempted, Preemption
+from sleep_jax.loop import NonFiniteLoss, Preemption
 from sleep_jax.metrics import MetricWriter
 
 log = logging.getLogger("sleep_jax")
@@ -64,8 +65,7 @@ def run_stage(stage_dir: str, *, abstract_state: Any, init: Callable[[], Any],
         ckpt.save(done, state, {"step": done}, wait=True)
         last_saved = done
       if preempted:
-        log.warning("SIGTERM: %s saved step %d; exiting", desc, done)
-        raise Preempted()
+        preemption.exit(desc or stage_dir, done)
     return state
   finally:
     pbar.close()
