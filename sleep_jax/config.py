@@ -277,9 +277,6 @@ def _validate(cfg: Config) -> None:
       raise ConfigError(f"bad value for config key 'model.layer_pattern': {p!r} not in {mixers}")
   if cfg.model.kind == "hybrid" and not cfg.model.layer_pattern:
     raise ConfigError("bad value for config key 'model.layer_pattern': a hybrid model needs at least one layer")
-  if cfg.sleep.passes > 1 and cfg.model.eviction == "none":
-    raise ConfigError("bad value for config key 'sleep.passes': sleep happens at evictions; "
-                      "sleep.passes > 1 needs model.eviction 'hard' or 'sliding'")
   mc = cfg.model
   n_layers = mc.n_layers if mc.kind in ("transformer", "cms") else len(mc.layer_pattern) * mc.pattern_repeats
   if cfg.sleep.layers:
