@@ -84,6 +84,18 @@ def attend(q_BTHK, k_BGSK, v_BGSK, mask, q_blocks: int | None = None) -> jax.Arr
   return jnp.swapaxes(out.reshape(B, H, T, K), 1, 2)
 
 
+def write_token(cache: dict, delta, r: int) -> dict:
+  """A group cache (leading axis R) with layer r's decoded entry written at its ring slot."""
+  k_BG1K, v_BG1K, idx_1, seg_B1 = delta
+  Sc = cache["idx"].shape[1]
+  if Sc == 0:
+    return cache
+  slot = idx_1[0] % Sc
+  put = lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype)[None], start)  # noqa: E731
+  return {"k": put(cache["k"], k_BG1K, (r, 0, 0, slot, 0)), "v": put(cache["v"], v_BG1K, (r, 0, 0, slot, 0)),
+          "idx": put(cache["idx"], idx_1, (r, slot)), "seg": put(cache["seg"], seg_B1, (r, 0, slot))}
+
+
 def empty_cache(R: int, batch: int, kv_heads: int, slots: int, head_dim: int, dtype) -> dict:
   z = jnp.zeros((R, batch, kv_heads, slots, head_dim), dtype)
   return {"k": z, "v": z, "idx": jnp.full((R, slots), -1, jnp.int32), "seg": jnp.zeros((R, batch, slots), jnp.int32)}
@@ -146,9 +158,10 @@ class Attention(nnx.Module):
     return dense("bthk,hkd->btd", o_BTHK, self.wo[...])
 
   def __call__(self, x_BTD, positions_BT, idx_T, seg_BT, cache: dict | None, *, eviction: str, chunk_len: int,
-               segmented: bool):
+               segmented: bool, row: int | None = None):
     """(y [B, T, D], new cache or None). cache: this layer's slice of a group cache
-    (k, v [B, G, Sc, K], idx [Sc], seg [B, Sc]), or None for attention within the call."""
+    (k, v [B, G, Sc, K], idx [Sc], seg [B, Sc]), or None for attention within the call; when
+    decoding (T = 1, `row` given), the whole group cache (leading axis R) and its row."""
     q, k, v = self.qkv(x_BTD, positions_BT)
     k_BGTK, v_BGTK = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     T = x_BTD.shape[1]
@@ -160,13 +173,15 @@ class Attention(nnx.Module):
     if cache is None:
       y = attend(q, k_BGTK, v_BGTK, mask_for(idx_T, seg_BT))
       return self.output(y, x_BTD), None
-    if T == 1:
-      # One decoded token: write it first and attend over the cache alone (no copy of the
-      # cache per token). Safe because a slot is only reused once its key can no longer be
-      # seen (the cache holds at least the window).
-      cache = write_cache(cache, k_BGTK, v_BGTK, idx_T, seg_BT)
-      m = mask_for(cache["idx"], cache["seg"])
-      y = attend(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), m)
+    if T == 1 and row is not None:
+      # One decoded token, `cache` the whole stacked group cache and `row` this layer: the
+      # entry is written first, in place, and attention then reads the updated row (reading
+      # the old buffer before writing would make XLA copy the whole cache per token). A slot
+      # is reused only once its old key can no longer be seen (the cache holds at least the
+      # window).
+      cache = write_token(cache, (k_BGTK, v_BGTK, idx_T, seg_BT), row)
+      m = mask_for(cache["idx"][row], cache["seg"][row])
+      y = attend(q, cache["k"][row].astype(q.dtype), cache["v"][row].astype(q.dtype), m)
       return self.output(y, x_BTD), cache
     keys = jnp.concatenate([cache["k"].astype(k.dtype), k_BGTK], axis=2)
     vals = jnp.concatenate([cache["v"].astype(v.dtype), v_BGTK], axis=2)

@@ -117,7 +117,7 @@ class Layer(nnx.Module):
         if "conv" in st:
           st = {**st, "conv": conv}
       y, kv = self.attn(x, ctx["positions"], ctx["idx"], ctx["seg"], st.get("kv"), eviction=ctx["eviction"][self.kind],
-                        chunk_len=ctx["chunk_len"], segmented=ctx["segmented"])
+                        chunk_len=ctx["chunk_len"], segmented=ctx["segmented"], row=ctx.get("row"))
       if kv is not None:
         st = {**st, "kv": kv}
     return self.mlp_residual(h_BTD + y), st
@@ -241,24 +241,31 @@ class Decoder(nnx.Module):
     layers = list(layers)
     splits = [nnx.split(g) for g in self.groups]
 
-    def run_repeat(h, params_p, states_p, ps):
+    def run_repeat(h, params_p, states_p, ps, row=None):
       """Pattern positions ps of one repeat (params and states without the R axis)."""
       states_p = list(states_p)
+      c = ctx if row is None else {**ctx, "row": row}
       for p in ps:
         layer = nnx.merge(splits[p][0], params_p[p])
-        h, states_p[p] = layer(h, states_p[p], ctx)
+        h, states_p[p] = layer(h, states_p[p], c)
       return h, tuple(states_p)
 
     def run_one(h, r, ps):
-      at_r = lambda tree: jax.tree.map(lambda a: a[r], tree)
+      decoding = h.shape[1] == 1
+      at_r = lambda tree: jax.tree.map(lambda a: a[r], tree)  # noqa: E731
+      # Decoding hands attention its whole group KV cache (written in place at row r).
+      take = lambda st: {k: (v if decoding and k == "kv" else at_r(v)) for k, v in st.items()}  # noqa: E731
       params_p = [at_r(splits[p][1]) if p in ps else None for p in range(P)]
-      states_p = [at_r(layers[p]) if p in ps else None for p in range(P)]
+      states_p = [take(layers[p]) if p in ps else None for p in range(P)]
       fn = run_repeat
-      if self.cfg.remat:
+      if self.cfg.remat and not decoding:  # (decoding is never differentiated)
         fn = jax.checkpoint(run_repeat, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(3,))
-      h, new = fn(h, params_p, states_p, tuple(ps))
+      h, new = fn(h, params_p, states_p, tuple(ps), r if decoding else None)
       for p in ps:
-        layers[p] = jax.tree.map(lambda full, row: full.at[r].set(row.astype(full.dtype)), layers[p], new[p])
+        row = dict(new[p])
+        whole = {"kv": row.pop("kv")} if decoding and "kv" in row else {}
+        layers[p] = {**layers[p], **whole, **jax.tree.map(lambda full, x: full.at[r].set(x.astype(full.dtype)),
+                                                           {k: layers[p][k] for k in row}, row)}
       return h
 
     full: list[int] = []  # a run of consecutive whole repeats, scanned together
@@ -269,9 +276,12 @@ class Decoder(nnx.Module):
         full.clear()
       return h
 
+    # A decoded token runs its layers unrolled: a scan would carry the KV caches as xs -> ys,
+    # a fresh copy of every cache per token; unrolled, each row is updated in place.
+    decoding = h_BTD.shape[1] == 1
     for r in range(lo // P, (hi - 1) // P + 1):
       start, end = max(lo, r * P), min(hi, (r + 1) * P)
-      if end - start == P:
+      if end - start == P and not decoding:
         full.append(r)
       else:  # a partial repeat at either end of the range
         h_BTD = run_one(flush(h_BTD), r, list(range(start - r * P, end - r * P)))
