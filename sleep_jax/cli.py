@@ -196,7 +196,7 @@ def _exit_watchdog(code: int, timeout_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
   """As the program (argv None): signals first, and the process always exits. Called with
   argv (tests, other Python code): the handlers are put back and nothing is forced."""
-  signals.install()
+  signals.install(hard_exit=argv is None)
   try:
     code = _run(argv)
   except SystemExit as e:  # Preempted / Interrupted / argparse: keep their codes

@@ -33,11 +33,26 @@ def _say(line: str) -> None:
     pass
 
 
+def _leave(code: int) -> None:
+  """Exit now. As the program: os._exit after flushing, because a SystemExit raised from a
+  handler that lands in a gc callback or a __del__ is printed as "Exception ignored" and
+  swallowed (seen: jax's _xla_gc_callback during a dataset build). Called in-process
+  (tests, other code): SystemExit, so the caller decides."""
+  if _state.get("hard"):
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except (OSError, ValueError):
+        pass
+    os._exit(code)
+  raise SystemExit(code)
+
+
 def _on_term(signum, frame) -> None:
   _state["term"] = True
   if _state["savers"] == 0:
     _say(f"SIGTERM: nothing new to save; exiting with code {exit_codes.PREEMPTED}")
-    raise SystemExit(exit_codes.PREEMPTED)
+    _leave(exit_codes.PREEMPTED)
 
 
 def _on_int(signum, frame) -> None:
@@ -49,7 +64,7 @@ def _on_int(signum, frame) -> None:
       # At once means not waiting for a save or a compile in progress; what was saved
       # before stays, and an unfinished async save is discarded on resume (as after SIGKILL).
       os._exit(exit_codes.INTERRUPTED)
-    raise SystemExit(exit_codes.INTERRUPTED)
+    _leave(exit_codes.INTERRUPTED)
   _say("interrupt: saving at the next step boundary, then exiting (Ctrl-C again to exit at once)")
 
 
@@ -57,11 +72,12 @@ def installed() -> bool:
   return bool(_previous)
 
 
-def install() -> None:
-  """Take over SIGTERM and SIGINT (main thread only; a no-op elsewhere or if done)."""
+def install(*, hard_exit: bool = False) -> None:
+  """Take over SIGTERM and SIGINT (main thread only; a no-op elsewhere or if done).
+  hard_exit: the process is the program, so "exit at once" may be os._exit."""
   if _previous or threading.current_thread() is not threading.main_thread():
     return
-  _state.update(term=False, int=0)
+  _state.update(term=False, int=0, hard=hard_exit)
   _previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_term)
   _previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_int)
 
