@@ -37,7 +37,7 @@ def main() -> None:
   params, world, day = state["params"], DayWorld(**cfg.dreaming.world), 0
   dreamer = Dreamer(cfg, trainer.graphdef, world)
   rng, np_rng = jax.random.fold_in(jax.random.key(cfg.seed), day), np.random.default_rng([cfg.seed, day, 23])
-  gen = lora_lib.init(params, jax.random.key(cfg.seed + 9), cfg.dreaming.lora_rank)
+  gen = lora_lib.init(params, dreamer.roles, jax.random.key(cfg.seed + 9), cfg.dreaming.lora_rank)
   opt, night, ents = dreamer.rest_tx.init(gen), [], world.day_entities(day)
   for r in range(cfg.dreaming.rounds + 1):
     gen, opt, tokens, mask, weights = dreamer.sleep_round(params, gen, opt, day, jax.random.fold_in(rng, r), np_rng,

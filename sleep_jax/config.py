@@ -89,6 +89,11 @@ class SleepConfig:
   # [start, end): the passes loop only these layers (paper A's Jet-Nemotron recipe); the layers
   # before run once, the layers after once on the last pass's features. []: the whole stack.
   layers: list[int] = field(default_factory=list)
+  # Which chunks consolidate (run passes 2..N before eviction): "masked" = a chunk whose
+  # targets are all masked (the task layouts: read chunks, then a prediction chunk);
+  # "every_chunk" = every chunk (text: each chunk is predicted in pass 1, then slept on).
+  # A batch may also carry the schedule as data: a "consolidate" key [B, n_chunks].
+  schedule: str = "masked"
 
 
 @dataclass
@@ -249,6 +254,7 @@ _CHOICES = {
     "model.kind": ("transformer", "hybrid", "cms"),
     "seeding.divergence": ("fkl", "rkl", "jsd"),
     "model.eviction": ("none", "hard", "sliding"),
+    "sleep.schedule": ("masked", "every_chunk"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "data.source": ("task", "text"),
     "distributed.mode": ("auto", "on", "off"),

@@ -20,8 +20,9 @@ attention also sees the previous chunk's keys/values within a window of L -- tho
 pass 1, i.e. the KV cache wake decoding built while reading that chunk (sleep never rewrites
 the KV cache, it only updates S).
 
-Consolidation is decided PER EXAMPLE: chunk c of example b consolidates iff all its targets
-are masked. The extra passes run (under a `lax.cond`) while any example in the batch needs
+Consolidation is decided PER EXAMPLE and is data: chunk c of example b consolidates as
+`consolidate_BC` says, by default as sleep.schedule says ("masked": iff all its targets are
+masked, the task layouts; "every_chunk": always, text). The extra passes run (under a `lax.cond`) while any example in the batch needs
 them; examples that do not keep S_1 (`jnp.where`), so an example's result never depends on
 its batch mates. With the fixed task layouts every example agrees, and a batch of
 prediction chunks pays for one pass only.
@@ -219,11 +220,25 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
   return logits, new_state, n_B, h_mid
 
 
+def consolidation_schedule(mask_CBL: jax.Array, schedule: str) -> jax.Array:
+  """bool [C, B]: chunk c of example b consolidates. "masked": iff all its targets are
+  masked (a chunk the model only reads); "every_chunk": always (text: every chunk is
+  predicted in pass 1, then slept on before its cache is evicted)."""
+  if schedule == "every_chunk":
+    return jnp.ones(mask_CBL.shape[:2], bool)
+  if schedule == "masked":
+    return jnp.all(mask_CBL == 0, axis=2)
+  raise ValueError(f"unknown sleep.schedule {schedule!r} (expected 'masked' or 'every_chunk')")
+
+
 def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
-                  return_passes: bool = False, adaptive: bool | None = None) -> Any:
+                  consolidate_BC: jax.Array | None = None, return_passes: bool = False,
+                  adaptive: bool | None = None) -> Any:
   """Algorithm 1: logits [B, T, V] float32 (and passes used [B, n_chunks] if return_passes).
 
+  Which chunks consolidate is data: consolidate_BC (bool [B, n_chunks]) when given, else
+  cfg.sleep.schedule: "masked" (a chunk whose targets are all masked) or "every_chunk".
   adaptive: None uses adaptive depth iff cfg.sleep.adaptive_tol > 0; False forces N passes.
   """
   mc, sc = cfg.model, cfg.sleep
@@ -239,14 +254,18 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
   mask_CBL = jnp.moveaxis(jnp.pad(target_mask_BT, ((0, 0), (0, pad))).reshape(B, C, L), 1, 0)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  xs = (tokens_CBL, mask_CBL, to_chunks(positions_BT.astype(jnp.int32)),
+  if consolidate_BC is None:
+    consolidate_BC = consolidation_schedule(mask_CBL, sc.schedule).T
+  elif consolidate_BC.shape != (B, C):
+    raise ValueError(f"consolidate_BC has shape {consolidate_BC.shape}; this input has {C} chunks of "
+                     f"{L} (expected {(B, C)})")
+  xs = (tokens_CBL, consolidate_BC.T.astype(bool), to_chunks(positions_BT.astype(jnp.int32)),
         to_chunks(segment_ids_BT.astype(jnp.int32)) if segment_ids_BT is not None else None)
   graphdef, params = nnx.split(model)
 
   def chunk(params, state, xs):
-    tokens_BL, mask_BL, pos_BL, seg_BL = xs
+    tokens_BL, active_B, pos_BL, seg_BL = xs
     m = nnx.merge(graphdef, params)
-    active_B = jnp.all(mask_BL == 0, axis=1)
     logits, state, n_B, _ = sleep_chunk(m, state, m.embed_tokens(tokens_BL), active_B, cfg, positions_BL=pos_BL,
                                         segment_ids_BL=seg_BL, tol=tol)
     return state, (logits, n_B)
@@ -264,18 +283,14 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
   return logits_BTV
 
 
-def gdn_only_mask(params) -> Any:
-  """bool pytree over a decoder param dict: True on every parameter of a GDN layer.
+def gdn_only_mask(param_roles) -> Any:
+  """bool pytree over a decoder's parameters (from its Role tree, models/roles.py): True on
+  every parameter of a GDN layer.
 
-  A "GDN layer" is the whole layer at a GDN pattern position (mixer, its MLP and norms);
+  A "GDN layer" is a whole decoder layer whose mixer is GDN (mixer, its MLP and norms);
   embeddings, attention layers and the final norm are False. For the sliding-window recipe's
-  warm-up (train only the recurrent layers under hard eviction), e.g.
-  `optax.masked(tx, gdn_only_mask(params))` plus zero updates elsewhere
-  (`optax.multi_transform({True: tx, False: optax.set_to_zero()}, gdn_only_mask)`).
+  warm-up (train only the recurrent layers under hard eviction).
   """
-  def mark(tree, value: bool):
-    return jax.tree.map(lambda _: value, tree)
+  from sleep_jax.models import roles
 
-  out = {k: mark(v, False) for k, v in params.items() if k != "groups"}
-  out["groups"] = {i: mark(g, "gdn" in g) for i, g in params["groups"].items()}
-  return out
+  return roles.labels(param_roles, lambda r: r.layer_kind == "gdn")

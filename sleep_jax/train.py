@@ -18,40 +18,36 @@ from jax.sharding import NamedSharding
 
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
-from sleep_jax.models import forward, model_factory
+from sleep_jax.models import forward, model_factory, roles
 from sleep_jax.xla_options import step_compiler_options
 
 
 def make_optimizer(cfg: Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with warmup + cosine; no weight decay on NoDecay parameters (models/roles.py);
+  for a model with CMS levels, each level at its own update frequency."""
   t = cfg.train
   warmup = min(t.warmup_steps, max(t.steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup, max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
-  adamw = lambda sched: optax.adamw(sched, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask)
-  if cfg.model.kind == "cms":
-    return optax.chain(optax.clip_by_global_norm(t.clip_norm), cms_frequencies(cfg, adamw, schedule)), schedule
+  param_roles = roles.roles_for(cfg)
+  decay = roles.labels(param_roles, lambda r: r.decay)
+  adamw = lambda sched: optax.adamw(sched, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)
+  if roles.cms_levels(param_roles):
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm), cms_frequencies(cfg, adamw, schedule, param_roles)), schedule
   return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw(schedule)), schedule
 
 
-# No weight decay on norm scales, biases, GDN gate parameters and CMS expert flags (leaf names).
-NO_DECAY = ("scale", "bias", "a_log", "dt_bias", "active")  # a_log, dt_bias: GDN decay gates
-
-
-def decay_mask(params):
-  return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) not in NO_DECAY, params)
-
-
-def cms_frequencies(cfg: Config, adamw, schedule) -> optax.GradientTransformation:
+def cms_frequencies(cfg: Config, adamw, schedule, param_roles) -> optax.GradientTransformation:
   """CMS levels updated at their own frequencies: level l accumulates its gradients over
   update_every[l] steps (optax.MultiSteps) and applies one update, with the learning rate
-  of the global step it lands on; in between its parameters stay bit-identical."""
-  from sleep_jax.models.cms import cms_update_labels
-
+  of the global step it lands on; in between its parameters stay bit-identical. Labels come
+  from each parameter's role (its CMS level), so any architecture with CMS MLPs works."""
   txs = {"rest": adamw(schedule)}
   for level, k in enumerate(cfg.model.cms.update_every):
     inner = adamw(lambda count, k=k: schedule(count * k))
     txs[f"level{level}"] = inner if k == 1 else optax.MultiSteps(inner, every_k_schedule=k).gradient_transformation()
-  return optax.multi_transform(txs, cms_update_labels)
+  return optax.multi_transform(txs, roles.labels(param_roles, lambda r: "rest" if r.cms_level is None
+                                                 else f"level{r.cms_level}"))
 
 
 def optax_state_shardings(tx, abstract_opt, param_shardings, rep):
@@ -122,7 +118,7 @@ class Trainer:
 
       hard = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eviction="hard"))
       self.warmup_step = jit_step(functools.partial(
-          self._train_step, cfg=hard, update_mask=gdn_only_mask(abstract_params)))
+          self._train_step, cfg=hard, update_mask=gdn_only_mask(roles.roles_for(cfg))))
     # Depth curriculum: the first single_pass_steps steps train at N = 1 (the fast weights
     # learn to store and be read before extra passes have anything to refine), then at N.
     self.single_pass_steps = cfg.sleep.single_pass_steps if cfg.model.kind == "hybrid" and cfg.sleep.passes > 1 else 0

@@ -20,7 +20,7 @@ from sleep_jax.data.facts import QUERY, SEP
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.dreaming.harness import run_day, sft_loop
-from sleep_jax.models import model_factory
+from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import expand
 
 DREAM_TINY = os.path.join(REPO, "experiments", "dream_tiny.yaml")
@@ -45,7 +45,7 @@ def _dream_batch(world, n, seed=0):
 def test_vmapped_copies_equal_training_each_copy_alone(model):
   cfg, graphdef, params, world = model
   tokens, mask = _dream_batch(world, 3)
-  adapters = jax.vmap(lambda k: lora_lib.init(params, k, 4))(jax.random.split(jax.random.key(1), 3))
+  adapters = jax.vmap(lambda k: lora_lib.init(params, roles.roles_for(cfg), k, 4))(jax.random.split(jax.random.key(1), 3))
   kw = dict(steps=4, lr=1e-2, alpha=8.0)
   together = jax.jit(jax.vmap(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw)))(adapters, tokens, mask)
   for i in range(3):
@@ -53,7 +53,7 @@ def test_vmapped_copies_equal_training_each_copy_alone(model):
     for x, y in zip(jax.tree.leaves(jax.tree.map(lambda a: a[i], together)), jax.tree.leaves(alone)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
   # The copies really trained (B left 0) and differ from each other.
-  b = [np.asarray(v["b"]) for v in together.values()]
+  b = [np.asarray(x) for x in jax.tree.leaves(jax.tree.map(lambda ab: ab["b"], together, is_leaf=lambda t: "b" in t))]
   assert all(np.abs(x).max() > 0 for x in b) and not np.allclose(b[0][0], b[0][1])
 
 
@@ -72,7 +72,7 @@ def test_rest_em_update_uses_only_rewarded_dreams(model):
   prompt = jnp.asarray(world.dream_prompt(0))
   tokens, _ = _dream_batch(world, 4)
   dreams = tokens[:, 1:]  # QUERY ...
-  gen = lora_lib.init(params, jax.random.key(2), 4)
+  gen = lora_lib.init(params, roles.roles_for(cfg), jax.random.key(2), 4)
   gen = jax.tree.map(lambda a: a + 0.01, gen)  # B != 0 so both factors get gradients
   weights = jnp.array([1.0, 0.0, 1.0, 0.0])
   grad = lambda d: jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, d, weights, alpha=8.0))(gen)
@@ -83,13 +83,17 @@ def test_rest_em_update_uses_only_rewarded_dreams(model):
 
 
 def test_lora_apply_matches_manual_merge(model):
-  _, _, params, _ = model
-  ad = lora_lib.init(params, jax.random.key(0), 4)
+  cfg, _, params, _ = model
+  ad = lora_lib.init(params, roles.roles_for(cfg), jax.random.key(0), 4)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(lora_lib.apply(params, ad, alpha=8.0))))
-  key = "[0]['attn']['wq']"
-  ad[key]["b"] = jnp.ones_like(ad[key]["b"])
+  # Targets chosen by role: queries, values, every MLP's up/down (CMS levels too), no experts.
+  adapted = {jax.tree_util.keystr(p[:-1]) for p, _ in jax.tree_util.tree_flatten_with_path(ad)[0]}
+  assert "['groups'][0]['attn']['wq']" in adapted and "['groups'][0]['levels'][1]['mlp']['w_down']" in adapted
+  assert not any("experts" in k or "wk" in k or "w_gate" in k for k in adapted)
+  one = ad["groups"][0]["attn"]["wq"]
+  one["b"] = jnp.ones_like(one["b"])
   w = params["groups"][0]["attn"]["wq"]
-  expected = w + 2.0 * jnp.einsum("lir,lro->lio", ad[key]["a"], ad[key]["b"]).reshape(w.shape)
+  expected = w + 2.0 * jnp.einsum("lir,lro->lio", one["a"], one["b"]).reshape(w.shape)
   np.testing.assert_allclose(np.asarray(lora_lib.apply(params, ad, alpha=8.0)["groups"][0]["attn"]["wq"]),
                              np.asarray(expected), rtol=1e-6)
 
@@ -98,17 +102,17 @@ def test_novelty_expert_only_matters_once_it_holds_something(model):
   cfg, graphdef, params, world = model
   tokens, _ = _dream_batch(world, 2)
   f = lambda p: nnx.merge(graphdef, p)(tokens)[0]
-  forced = D.force_experts(params, jnp.array([1, 2]))
+  forced = D.force_experts(params, roles.roles_for(cfg), jnp.array([1, 2]))
   np.testing.assert_array_equal(np.asarray(f(forced)), np.asarray(f(params)))  # slots still at B = 0
   filled = jax.tree.map(lambda x: x, params)
   filled["groups"][0]["levels"][1]["experts"][2]["b"] = jnp.ones_like(filled["groups"][0]["levels"][1]["experts"][2]["b"])
-  assert float(jnp.abs(f(D.force_experts(filled, jnp.array([1, 2]))) - f(filled)).max()) > 1e-3
+  assert float(jnp.abs(f(D.force_experts(filled, roles.roles_for(cfg), jnp.array([1, 2]))) - f(filled)).max()) > 1e-3
 
 
 def test_sft_loop_moves_only_trainable_leaves(model):
   cfg, graphdef, params, world = model
   tokens, mask = _dream_batch(world, 2)
-  p = expand.set_expert(params, 1, 0, active=True)
+  p = expand.set_expert(params, roles.roles_for(cfg), 1, 0, active=True)
   trainable = jax.tree_util.tree_map_with_path(lambda path, _: jnp.float32(
       "['levels'][1]['experts'][0]" in jax.tree_util.keystr(path) and "active" not in jax.tree_util.keystr(path)), p)
   out = sft_loop(graphdef, p, tokens, mask, trainable, lr=1e-2, steps=3)

@@ -18,6 +18,8 @@ from flax import nnx
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config, MeshConfig, ModelConfig, SleepConfig
 from sleep_jax.models import model_factory
+from sleep_jax.models.roles import param_roles
+from sleep_jax.models.roles import param_roles
 from sleep_jax.sleep import gdn_only_mask, sleep_forward
 
 
@@ -127,10 +129,11 @@ def reference_pass(params, mc, L, h_LD, S, pos_L, prev_kv, lo=0, hi=None):
   return h_LD, S, kv
 
 
-def reference_logits(params, cfg, tokens_BT, mask_BT):
+def reference_logits(params, cfg, tokens_BT, mask_BT, consolidate_BC=None):
   """Algorithm 1, example by example, chunk by chunk, pass by pass. With sleep.layers =
   [lo, hi) the extra passes loop those layers only; the layers after them run once more,
-  from the S they had before the chunk, on the last pass's features."""
+  from the S they had before the chunk, on the last pass's features. A chunk consolidates
+  as consolidate_BC says, else as sleep.schedule does (masked: all targets masked)."""
   mc, L, N = cfg.model, cfg.sleep.chunk_len, cfg.sleep.passes
   n = len(mc.layer_pattern) * mc.pattern_repeats
   lo, hi = cfg.sleep.layers or (0, n)
@@ -148,7 +151,11 @@ def reference_logits(params, cfg, tokens_BT, mask_BT):
       kv = {**kv, **kv2, **kv3}
       x = _rms(h, params["final_norm"]["scale"])
       logits.append(x @ params["unembed"])
-      if np.all(mask_BT[b, c0:c0 + L] == 0) and N > 1:
+      if consolidate_BC is not None:
+        sleeps = bool(consolidate_BC[b][c0 // L])
+      else:
+        sleeps = cfg.sleep.schedule == "every_chunk" or np.all(mask_BT[b, c0:c0 + L] == 0)
+      if sleeps and N > 1:
         for _ in range(N - 1):
           h_mid, S_next, _ = reference_pass(params, mc, L, h_mid, S_next, pos, prev, lo, hi)
         post_in = {**S_next, **{i: s for i, s in S.items() if i >= hi}}  # the chunk's incoming S
@@ -212,7 +219,7 @@ def test_stack_layout_and_gdn_only_mask():
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert params["groups"][0]["attn"]["wq"].shape == (3, 32, 2, 16)
   assert params["groups"][1]["gdn"]["wq"].shape == (3, 32, 2, 16)
-  mask = gdn_only_mask(params)
+  mask = gdn_only_mask(param_roles(model))
   assert jax.tree.structure(mask) == jax.tree.structure(params)
   assert all(jax.tree.leaves(mask["groups"][1])) and not any(jax.tree.leaves(mask["groups"][0]))
   assert not mask["embed"] and not mask["unembed"] and not mask["final_norm"]["scale"]

@@ -15,7 +15,7 @@ from flax import nnx
 from conftest import REPO, subprocess_env
 from sleep_jax import sharding as shd
 from sleep_jax.config import load_config
-from sleep_jax.models import model_factory
+from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, imitate, steps
 from sleep_jax.seeding.pipeline import ModelOnMesh
 from sleep_jax.train import Trainer
@@ -31,7 +31,7 @@ def _params_with_trained_fast_expert(cfg, seed=0):
   """A CMS model whose fast expert is active with non-zero weights (as after the fast stage)."""
   make = model_factory(cfg)
   params = nnx.to_pure_dict(nnx.split(make(nnx.Rngs(seed)))[1])
-  params = expand.set_expert(params, 0, 0, active=True)
+  params = expand.set_expert(params, roles.roles_for(cfg), 0, 0, active=True)
   e = params["groups"][0]["levels"][0]["experts"][0]
   k1, k2 = jax.random.split(jax.random.key(seed + 1))
   e["b"] = 0.2 * jax.random.normal(k1, e["b"].shape)
@@ -53,11 +53,11 @@ def test_expert_activation_preserves_logits(top_k):
   _, params = _params_with_trained_fast_expert(cfg)
   before = _logits(cfg, params, TOKENS)
   for level in (0, 1):
-    slot = expand.next_free_slot(params, level)
-    after = _logits(cfg, expand.set_expert(params, level, slot, active=True), TOKENS)
+    slot = expand.next_free_slot(params, roles.roles_for(cfg), level)
+    after = _logits(cfg, expand.set_expert(params, roles.roles_for(cfg), level, slot, active=True), TOKENS)
     assert float(jnp.max(jnp.abs(after - before))) <= 1e-5
   # ... and the activated expert does change the function once B moves away from 0.
-  p2 = expand.set_expert(params, 1, 0, active=True)
+  p2 = expand.set_expert(params, roles.roles_for(cfg), 1, 0, active=True)
   p2["groups"][0]["levels"][1]["experts"][0]["b"] = jnp.ones_like(p2["groups"][0]["levels"][1]["experts"][0]["b"])
   assert float(jnp.max(jnp.abs(_logits(cfg, p2, TOKENS) - before))) > 1e-3
 
@@ -66,12 +66,11 @@ def test_expert_activation_preserves_logits(top_k):
 def test_model_growth_preserves_logits(attn_conv):
   cfg = _cfg(f"model.attn_conv={attn_conv}")  # the short conv is depthwise: tiled, never divided
   _, params = _params_with_trained_fast_expert(cfg)
-  params = expand.set_expert(params, 1, 0, active=True)
+  params = expand.set_expert(params, roles.roles_for(cfg), 1, 0, active=True)
   scfg = expand.student_config(cfg)
   assert scfg.model.d_model == 2 * cfg.model.d_model and scfg.model.n_layers == cfg.model.n_layers + 1
   big = nnx.to_pure_dict(nnx.split(model_factory(scfg)(nnx.Rngs(5)))[1])
-  logical = shd.abstract_model(model_factory(cfg))[2]
-  grown = expand.grow_params(params, logical, big, width=2)
+  grown = expand.grow_params(params, roles.roles_for(cfg), big, width=2)
   diff = jnp.abs(_logits(scfg, grown, TOKENS) - _logits(cfg, params, TOKENS))
   assert float(jnp.max(diff)) <= 1e-5
   # The appended layer is an identity: zero output projections, no active expert.
@@ -82,10 +81,10 @@ def test_model_growth_preserves_logits(attn_conv):
 def test_reset_level_removes_the_fast_expert():
   cfg = _cfg()
   _, params = _params_with_trained_fast_expert(cfg)
-  plain = expand.set_expert(params, 0, 0, active=False)
-  reset = expand.reset_level(params, 0)
+  plain = expand.set_expert(params, roles.roles_for(cfg), 0, 0, active=False)
+  reset = expand.reset_level(params, roles.roles_for(cfg), 0)
   chex.assert_trees_all_close(_logits(cfg, reset, TOKENS), _logits(cfg, plain, TOKENS), atol=0)
-  assert expand.active_slots(reset, 0) == []
+  assert expand.active_slots(reset, roles.roles_for(cfg), 0) == []
 
 
 def _np_log_softmax(x):
@@ -139,8 +138,8 @@ def test_ks_step_trains_only_the_new_expert():
   t = ModelOnMesh(cfg, shd.make_mesh(cfg.mesh))
   s = ModelOnMesh(scfg, shd.make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh))
   _, tp = _params_with_trained_fast_expert(cfg)
-  sp = expand.set_expert(s.init(3), 1, 0, active=True)
-  labels = steps.train_labels(sp, level=1, slot=0)
+  sp = expand.set_expert(s.init(3), s.roles, 1, 0, active=True)
+  labels = steps.train_labels(s.roles, level=1, slot=0)
   tx = steps.masked_optimizer(labels, 1e-2, 10)
   _, _, make = s.train_state(tx, 0)
   state = make(sp)

@@ -56,6 +56,27 @@ def test_passes_run_and_match_reference():
   assert np.abs(one[:, 8:] - out["hard"][:, 8:]).max() > 1e-2
 
 
+def test_sleep_schedule_is_data():
+  """every_chunk sleeps on chunks that have targets (text); an explicit per-example schedule
+  (the batch's "consolidate") overrides the rule; both equal the reference."""
+  tokens, _ = rule110_like(B=3, T=28)
+  ones = jnp.ones_like(tokens)  # text: every position is a target
+  for eviction in ("hard", "sliding"):
+    cfg = tiny_cfg(eviction, passes=3)
+    cfg.sleep.schedule = "every_chunk"
+    model = make_model(cfg)
+    got = jit(lambda t, m: sleep_forward(model, t, m, cfg))(tokens, ones)
+    np.testing.assert_allclose(got, reference_logits(pure_params(model), cfg, tokens, ones), rtol=1e-4, atol=1e-4)
+    cfg.sleep.schedule = "masked"  # the masked rule never sleeps on text: N passes change nothing
+    plain = jit(lambda t, m: sleep_forward(model, t, m, cfg))(tokens, ones)
+    assert np.abs(np.asarray(got) - np.asarray(plain))[:, 8:].max() > 1e-3
+    given = np.array([[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    got = jit(lambda t, m, c: sleep_forward(model, t, m, cfg, consolidate_BC=c))(tokens, ones, given)
+    np.testing.assert_allclose(got, reference_logits(pure_params(model), cfg, tokens, ones, given),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got)[2], np.asarray(plain)[2], atol=1e-6)  # never sleeps = N=1
+
+
 def test_consolidation_reaches_later_chunks_only_through_S():
   """Chunk 1's logits must equal a fresh pass over chunk 1 from the state S that chunk 0 left
   (no features, KV cache or conv history crossing the boundary), whatever chunk 0 holds."""

@@ -8,6 +8,8 @@ from conftest import TINY
 from sleep_jax import data as data_lib
 from sleep_jax import sharding as shd
 from sleep_jax.config import MeshConfig, load_config
+from sleep_jax.models import roles
+from sleep_jax.models import roles
 from sleep_jax.train import Trainer
 
 
@@ -79,7 +81,7 @@ def test_sliding_window_warmup_trains_only_gdn_layers(tiny_overrides):
   after = jax.device_get(state["params"])
   from sleep_jax.sleep import gdn_only_mask
 
-  mask = gdn_only_mask(before)
+  mask = gdn_only_mask(roles.roles_for(cfg))
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
   flat_mask, flat_changed = jax.tree.leaves(mask), jax.tree.leaves(changed)
   assert any(flat_mask) and not all(flat_mask)

@@ -50,7 +50,7 @@ def main() -> None:
   rows = []
   for k in ks:
     t, m = tokens[:k], mask[:k]
-    adapters = jax.vmap(lambda key: lora_lib.init(params, key, cfg.dreaming.lora_rank))(jax.random.split(jax.random.key(1), k))
+    adapters = jax.vmap(lambda key: lora_lib.init(params, dreamer.roles, key, cfg.dreaming.lora_rank))(jax.random.split(jax.random.key(1), k))
     one = [jax.tree.map(lambda x, i=i: x[i], adapters) for i in range(k)]
     vm = jax.block_until_ready(dreamer.copies(params, adapters, t, m))
     seq = [jax.block_until_ready(dreamer.copy_one(params, one[i], t[i], m[i])) for i in range(k)]

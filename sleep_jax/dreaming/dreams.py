@@ -25,28 +25,30 @@ from flax import nnx
 from sleep_jax.data.facts import BOS
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.generate import sample_tokens
-from sleep_jax.models import cms
+from sleep_jax.models import roles
 
 
-def force_experts(params: dict, slots_L: jax.Array) -> dict:
+def force_experts(params: dict, param_roles: dict, slots_L: jax.Array) -> dict:
   """Every CMS level l also activates expert slots_L[l] (novelty while dreaming)."""
-  def force(level, sub):
-    experts = {e: dict(x) for e, x in sub["experts"].items()}
-    for e in experts:
-      experts[e]["active"] = jnp.where(slots_L[level] == e, jnp.ones_like(experts[e]["active"]), experts[e]["active"])
-    return {**sub, "experts": experts}
+  def force(r, x):
+    if not r.is_flag:
+      return x
+    return jnp.where(slots_L[r.cms_level] == r.expert_slot, jnp.ones_like(x), x)
 
-  return cms.map_levels(params, force)
+  return roles.edit(params, param_roles, force)
 
 
 def sample_dreams(graphdef, params, prompt_T: jax.Array, rng: jax.Array, *, cfg, m: int, length: int,
                   temperature: float, novelty: bool) -> jax.Array:
   """Dreams [m, length]: the prompt's last token (QUERY) + length - 1 sampled tokens."""
-  n_levels, n_slots = cms.level_count(params), len(cms.expert_slots(params, 0))
+  param_roles = roles.roles_for(cfg)
+  n_levels, n_slots = roles.cms_levels(param_roles), roles.expert_slots(param_roles)
 
   def one(key):
     k_slot, k_tok = jax.random.split(key)
-    p = force_experts(params, jax.random.randint(k_slot, (n_levels,), 0, n_slots)) if novelty else params
+    p = params
+    if novelty:
+      p = force_experts(params, param_roles, jax.random.randint(k_slot, (n_levels,), 0, n_slots))
     out = sample_tokens(graphdef, p, prompt_T[None], k_tok, cfg, steps=length - 1, temperature=temperature)
     return out[0, prompt_T.shape[0] - 1:]
 

@@ -29,7 +29,7 @@ from sleep_jax.data.facts import BOS, QUERY
 from sleep_jax.data.days import DayWorld
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
-from sleep_jax.models import cms
+from sleep_jax.models import roles
 from sleep_jax.seeding import expand, steps as seed_steps
 
 METHODS = ("base", "finetune", "dream", "sleep")
@@ -72,6 +72,7 @@ class Dreamer:
 
   def __init__(self, cfg: Config, graphdef, world: DayWorld):
     self.cfg, self.graphdef, self.world = cfg, graphdef, world
+    self.roles = roles.roles_for(cfg)
     dc = cfg.dreaming
     self.alpha = dc.lora_alpha
     self.attr_mask = jnp.asarray(world.attr_mask(world.qa_per_example))
@@ -110,7 +111,7 @@ class Dreamer:
     return tokens, mask, self.importance(params, tokens, mask)
 
   def isolated_copies(self, params, tokens, mask, rng):
-    adapters = jax.vmap(lambda k: lora_lib.init(params, k, self.cfg.dreaming.lora_rank))(
+    adapters = jax.vmap(lambda k: lora_lib.init(params, self.roles, k, self.cfg.dreaming.lora_rank))(
         jax.random.split(rng, tokens.shape[0]))
     return self.copies(params, adapters, tokens, mask)
 
@@ -163,10 +164,10 @@ class Dreamer:
       pad = reading[0].shape[1] - tokens.shape[1]
       tokens = jnp.concatenate([jnp.pad(tokens, ((0, 0), (0, pad))), reading[0]])
       mask = jnp.concatenate([jnp.pad(mask, ((0, 0), (0, pad))), reading[1]])
-    slow = cms.level_count(params) - 1
-    slot = expand.next_free_slot(jax.device_get(params), slow)
-    params = expand.set_expert(params, slow, slot, active=True)
-    labels = seed_steps.train_labels(params, level=slow, slot=slot)
+    slow = roles.cms_levels(self.roles) - 1
+    slot = expand.next_free_slot(jax.device_get(params), self.roles, slow)
+    params = expand.set_expert(params, self.roles, slow, slot, active=True)
+    labels = seed_steps.train_labels(self.roles, level=slow, slot=slot)
     trainable = jax.tree.map(lambda lab: jnp.float32(lab == "train"), labels)
     return self.sft_expert(params, tokens, mask, trainable, jax.random.fold_in(rng, 1))
 
@@ -219,7 +220,7 @@ def vmap_speedup(dreamer: Dreamer, params, day: int, seed: int) -> dict:
   tokens, mask, _ = dreamer.dream(params, None, day, jax.random.key(seed))
   keep = np.arange(min(tokens.shape[0], dreamer.cfg.dreaming.top_k + dreamer.cfg.dreaming.random_extra))
   t, m = tokens[keep], mask[keep]
-  adapters = jax.vmap(lambda k: lora_lib.init(params, k, dreamer.cfg.dreaming.lora_rank))(
+  adapters = jax.vmap(lambda k: lora_lib.init(params, dreamer.roles, k, dreamer.cfg.dreaming.lora_rank))(
       jax.random.split(jax.random.key(seed), len(keep)))
   one = lambda i: jax.tree.map(lambda a: a[i], adapters)
   jax.block_until_ready(dreamer.copies(params, adapters, t, m))  # compile both first

@@ -82,7 +82,8 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   mdir = os.path.join(cfg.run_dir, "methods", method, f"seed{s}")
   os.makedirs(mdir, exist_ok=True)
   seed = dream_seed(cfg, s)
-  init = {"params": base_params, "gen": lora_lib.init(base_params, jax.random.key(seed + 9), cfg.dreaming.lora_rank)}
+  init = {"params": base_params,
+          "gen": lora_lib.init(base_params, dreamer.roles, jax.random.key(seed + 9), cfg.dreaming.lora_rank)}
   init["opt"] = dreamer.rest_tx.init(init["gen"])
   ck = Checkpointer(mdir, keep=1, async_save=False)
   restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))

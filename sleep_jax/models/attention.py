@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.models.layers import RMSNorm, param
+from sleep_jax.models.roles import NoDecay
 from sleep_jax.models.rope import rope
 from sleep_jax.ops.dense import dense
 
@@ -124,14 +125,13 @@ class Attention(nnx.Module):
     if H % G:
       raise ValueError(f"model.n_heads ({H}) must be a multiple of model.n_kv_heads ({G})")
     std = cfg.init_std
-    self.wq = param(rngs, (D, H, K), ("embed", "heads", "kv"), std)
-    self.wk = param(rngs, (D, G, K), ("embed", "heads", "kv"), std)
-    self.wv = param(rngs, (D, G, K), ("embed", "heads", "kv"), std)
-    self.wo = param(rngs, (H, K, D), ("heads", "kv", "embed"), std / 2)
-    self.bq = param(rngs, (H, K), ("heads", "kv"), 0.0) if cfg.qkv_bias else None
-    self.bk = param(rngs, (G, K), ("heads", "kv"), 0.0) if cfg.qkv_bias else None
-    self.bv = param(rngs, (G, K), ("heads", "kv"), 0.0) if cfg.qkv_bias else None
-    self.w_gate = param(rngs, (D, H, K), ("embed", "heads", "kv"), std) if cfg.attn_out_gate else None
+    self.wq = param(rngs, (D, H, K), ("embed", "heads", "kv"), std, proj="q")
+    self.wk = param(rngs, (D, G, K), ("embed", "heads", "kv"), std, proj="k")
+    self.wv = param(rngs, (D, G, K), ("embed", "heads", "kv"), std, proj="v")
+    self.wo = param(rngs, (H, K, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True)
+    bias = lambda n: param(rngs, (n, K), ("heads", "kv"), 0.0, kind=NoDecay) if cfg.qkv_bias else None  # noqa: E731
+    self.bq, self.bk, self.bv = bias(H), bias(G), bias(G)
+    self.w_gate = param(rngs, (D, H, K), ("embed", "heads", "kv"), std, proj="out_gate") if cfg.attn_out_gate else None
     self.q_norm = RMSNorm(K, rngs=rngs, eps=cfg.norm_eps, offset=cfg.norm_offset, axis_name="kv") \
         if cfg.qk_norm else None
     self.k_norm = RMSNorm(K, rngs=rngs, eps=cfg.norm_eps, offset=cfg.norm_offset, axis_name="kv") \

@@ -13,7 +13,9 @@ the k highest-scoring active experts fire per token (sparse); expansion is then 
 long as fewer than k experts were active.
 
 Levels are updated at different frequencies (cfg.cms.update_every, "chunk sizes" in steps):
-see `cms_update_labels`, used by train.make_optimizer.
+train.make_optimizer labels each parameter by its CMS level. Every parameter of a level is
+tagged with its level, part (norm / mlp / expert) and expert slot (models/roles.py), which
+is how seeding and dreaming find them in any architecture.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.models.layers import MLP, RMSNorm, param
+from sleep_jax.models.roles import ExpertFlag, NoDecay, tag
 
 
 class LowRankExpert(nnx.Module):
-  def __init__(self, d_model: int, rank: int, *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, rank: int, *, rngs: nnx.Rngs, slot: int = 0):
     # A random so that B receives gradients once the expert is active; B = 0 so activating
     # it changes nothing (function-preserving expansion).
-    self.a = param(rngs, (d_model, rank), ("embed", None), d_model ** -0.5)
-    self.b = param(rngs, (rank, d_model), (None, "embed"), 0.0)
-    self.gate = param(rngs, (d_model,), ("embed",), 0.0)  # router column
-    self.bias = param(rngs, (), (), 0.0)
-    self.active = param(rngs, (), (), 0.0)  # 0/1 flag, never trained (stop_gradient, no decay)
+    self.a = param(rngs, (d_model, rank), ("embed", None), d_model ** -0.5, proj="a")
+    self.b = param(rngs, (rank, d_model), (None, "embed"), 0.0, proj="b", out_proj=True)
+    self.gate = param(rngs, (d_model,), ("embed",), 0.0, proj="router")  # router column
+    self.bias = param(rngs, (), (), 0.0, kind=NoDecay)
+    self.active = param(rngs, (), (), 0.0, kind=ExpertFlag)  # 0/1, never trained (stop_gradient)
+    tag(self, cms_part="expert", expert_slot=slot)
 
   def score(self, x_BTD):
     return jnp.einsum("btd,d->bt", x_BTD, self.gate[...]).astype(jnp.float32) + self.bias[...]
@@ -43,11 +47,14 @@ class LowRankExpert(nnx.Module):
 
 
 class CMSLevel(nnx.Module):
-  def __init__(self, d_model: int, d_ff: int, cms, *, rngs: nnx.Rngs, std: float):
+  def __init__(self, d_model: int, d_ff: int, cms, *, rngs: nnx.Rngs, std: float, level: int = 0):
     self.norm = RMSNorm(d_model, rngs=rngs)
     self.mlp = MLP(d_model, d_ff, rngs=rngs, std=std)
-    self.experts = nnx.List([LowRankExpert(d_model, cms.rank, rngs=rngs) for _ in range(cms.experts)])
+    self.experts = nnx.List([LowRankExpert(d_model, cms.rank, rngs=rngs, slot=e) for e in range(cms.experts)])
     self.top_k = cms.top_k
+    tag(self.norm, cms_part="norm")
+    tag(self.mlp, cms_part="mlp")
+    tag(self, cms_level=level)
 
   def gates(self, x_BTD) -> jax.Array:
     """g [E, B, T] float32: zero for inactive experts (and, with top_k, all but the k best)."""
@@ -67,47 +74,3 @@ class CMSLevel(nnx.Module):
     for i, expert in enumerate(self.experts):
       out = out + g_EBT[i][..., None].astype(out.dtype) * expert(x)
     return out
-
-
-def level_of(path) -> int | None:
-  """CMS level index of a parameter path (blocks/levels/<l>/...), None outside the chain."""
-  keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
-  for a, b in zip(keys, keys[1:]):
-    if a == "levels":
-      return int(b)
-  return None
-
-
-def cms_update_labels(params) -> object:
-  """Per-leaf optimizer labels: 'level<l>' inside the CMS chain, 'rest' elsewhere."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "rest" if level_of(path) is None else f"level{level_of(path)}", params)
-
-
-# -- the CMS chain inside a decoder's parameter dict (any architecture: every layer group whose
-#    layers carry `levels`) ---------------------------------------------------------------
-def cms_groups(params: dict) -> list:
-  """Keys of params["groups"] whose layers have a CMS chain."""
-  groups = params["groups"]
-  keys = [g for g in sorted(groups) if "levels" in groups[g]]
-  if not keys:
-    raise ValueError("this model has no CMS levels (model.kind must be 'cms')")
-  return keys
-
-
-def level_count(params: dict) -> int:
-  return len(params["groups"][cms_groups(params)[0]]["levels"])
-
-
-def expert_slots(params: dict, level: int) -> dict:
-  """The expert slots of `level` in the first CMS group (every group has the same slots)."""
-  return params["groups"][cms_groups(params)[0]]["levels"][level]["experts"]
-
-
-def map_levels(params: dict, fn) -> dict:
-  """params with fn(level index, level dict) -> level dict applied in every CMS group."""
-  groups = dict(params["groups"])
-  for g in cms_groups(params):
-    levels = {lvl: fn(lvl, sub) for lvl, sub in groups[g]["levels"].items()}
-    groups[g] = {**groups[g], "levels": levels}
-  return {**params, "groups": groups}

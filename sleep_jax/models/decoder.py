@@ -38,6 +38,7 @@ from sleep_jax.models.attention import Attention, empty_cache
 from sleep_jax.models.cms import CMSLevel
 from sleep_jax.models.gdn import GatedDeltaNet, gdn_dims
 from sleep_jax.models.layers import MLP, RMSNorm, param, short_conv
+from sleep_jax.models.roles import tag
 
 MIXERS = ("attn", "attn:none", "attn:hard", "attn:sliding", "gdn")
 
@@ -90,12 +91,14 @@ class Layer(nnx.Module):
       if conv_at == "after_attn":
         self.conv = short_conv(cfg, rngs)
     if cfg.kind == "cms":
-      self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std) for f in cfg.cms.d_ff])
+      self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std, level=lvl)
+                              for lvl, f in enumerate(cfg.cms.d_ff)])
     else:
       self.mlp_norm = norm()
       self.mlp = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std)
     if conv_at == "last":
       self.conv = short_conv(cfg, rngs)
+    tag(self, layer_kind=kind)
 
   def mlp_residual(self, h):
     if hasattr(self, "levels"):
@@ -131,7 +134,9 @@ def stacked(make, n: int, rngs: nnx.Rngs):
   def create(r):
     return make(r)
 
-  return create(rngs)
+  layers = create(rngs)
+  tag(layers, stacked=True)
+  return layers
 
 
 def _taps_valid(W: int, idx_T, seg_start_BT, chunk_len: int, evicts: bool):
@@ -157,7 +162,7 @@ class Decoder(nnx.Module):
     self.chunk_len = int(chunk_len or 1)
     if not self.pattern or self.repeats < 1:
       raise ValueError("the decoder needs a non-empty model.layer_pattern and pattern_repeats >= 1")
-    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0)
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), 1.0, fan_in=())  # a table
     self.groups = nnx.List([stacked(lambda r, k=kind: Layer(cfg, k, rngs=r), self.repeats, rngs)
                             for kind in self.pattern])
     self.final_norm = RMSNorm(cfg.d_model, rngs=rngs, eps=cfg.norm_eps, offset=cfg.norm_offset)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sleep_jax.models.layers import RMSNorm, causal_taps, param
+from sleep_jax.models.roles import NoDecay
 from sleep_jax.ops.dense import dense
 from sleep_jax.ops.gated_delta import gated_delta_rule, gated_delta_step
 
@@ -39,9 +40,9 @@ def gdn_dims(cfg) -> tuple[int, int, int, int]:
   return hk, cfg.gdn_v_heads or hk, cfg.gdn_k_dim or cfg.head_dim, cfg.gdn_v_dim or cfg.head_dim
 
 
-def _init_param(rngs: nnx.Rngs, value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+def _init_param(rngs: nnx.Rngs, value: jax.Array, names: tuple[str | None, ...], **kw) -> nnx.Param:
   """A parameter with a custom initial value (through `param`, so metadata stays uniform)."""
-  p = param(rngs, value.shape, names, 0.0)
+  p = param(rngs, value.shape, names, 0.0, **kw)
   p[...] = value.astype(jnp.float32)
   return p
 
@@ -59,9 +60,9 @@ class GatedDeltaNet(nnx.Module):
       raise ValueError(f"model.gdn_conv must be >= 1, got {W}")
     if Hv % Hk:
       raise ValueError(f"model.gdn_v_heads ({Hv}) must be a multiple of model.gdn_k_heads ({Hk})")
-    self.wq = param(rngs, (D, Hk, dk), ("embed", "heads", "kv"), std)
-    self.wk = param(rngs, (D, Hk, dk), ("embed", "heads", "kv"), std)
-    self.wv = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std)
+    self.wq = param(rngs, (D, Hk, dk), ("embed", "heads", "kv"), std, proj="q")
+    self.wk = param(rngs, (D, Hk, dk), ("embed", "heads", "kv"), std, proj="k")
+    self.wv = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std, proj="v")
     # Depthwise filters over the q, k and v channels; tap W - 1 multiplies the current token.
     # One draw for all three (laid out per head as q|k|v when the head shapes agree, as the
     # single filter of earlier versions was), so a seed gives the model it gave before.
@@ -74,22 +75,22 @@ class GatedDeltaNet(nnx.Module):
       w = draw((W, 2 * Hk * dk + Hv * dv))
       cq, ck, cv = (w[:, a:b].reshape(W, h, d) for a, b, h, d in (
           (0, Hk * dk, Hk, dk), (Hk * dk, 2 * Hk * dk, Hk, dk), (2 * Hk * dk, w.shape[1], Hv, dv)))
-    self.conv_q = _init_param(rngs, cq, (None, "heads", "kv"))
-    self.conv_k = _init_param(rngs, ck, (None, "heads", "kv"))
-    self.conv_v = _init_param(rngs, cv, (None, "heads", "kv"))
-    self.wa = param(rngs, (D, Hv), ("embed", "heads"), std)
-    self.wb = param(rngs, (D, Hv), ("embed", "heads"), std)
-    self.wg = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std)
-    self.wo = param(rngs, (Hv, dv, D), ("heads", "kv", "embed"), std / 2)
+    self.conv_q = _init_param(rngs, cq, (None, "heads", "kv"), fan_in=())  # depthwise
+    self.conv_k = _init_param(rngs, ck, (None, "heads", "kv"), fan_in=())
+    self.conv_v = _init_param(rngs, cv, (None, "heads", "kv"), fan_in=())
+    self.wa = param(rngs, (D, Hv), ("embed", "heads"), std, proj="alpha")
+    self.wb = param(rngs, (D, Hv), ("embed", "heads"), std, proj="beta")
+    self.wg = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std, proj="out_gate")
+    self.wo = param(rngs, (Hv, dv, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True)
     # One RMSNorm scale over each head's V channels, shared by the heads (as in FLA / Qwen3.5's
     # RMSNormGated, whose weight is never zero-centred); a `scale` leaf, so no weight decay.
     self.o_norm = RMSNorm(dv, rngs=rngs, eps=cfg.norm_eps, axis_name="kv")
     # Mamba-2 / GDN decay parametrisation: A in [1, 16], softplus(dt_bias) log-uniform in
     # [1e-3, 1e-1], so the initial per-token decay exp(-A dt) spans slow and fast heads.
     self.a_log = _init_param(rngs, jnp.log(jax.random.uniform(rngs.params(), (Hv,), minval=1.0, maxval=16.0)),
-                             ("heads",))
+                             ("heads",), kind=NoDecay)
     dt = jnp.exp(jax.random.uniform(rngs.params(), (Hv,), minval=math.log(1e-3), maxval=math.log(1e-1)))
-    self.dt_bias = _init_param(rngs, dt + jnp.log(-jnp.expm1(-dt)), ("heads",))  # softplus^-1(dt)
+    self.dt_bias = _init_param(rngs, dt + jnp.log(-jnp.expm1(-dt)), ("heads",), kind=NoDecay)  # softplus^-1(dt)
     self.chunk = cfg.gdn_chunk
     self.q_scale = dk ** -0.5 if cfg.gdn_q_scale else 1.0
 

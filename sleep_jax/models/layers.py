@@ -11,20 +11,28 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.roles import NoDecay
 from sleep_jax.ops.dense import dense
 
 nnx.use_eager_sharding(False)  # shardings are applied by jax.jit(out_shardings=...), not eagerly
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float | None) -> nnx.Param:
-  """A parameter with logical axis names; std=None means ones (norm scales), 0 zeros."""
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], std: float | None, *,
+          kind: type = nnx.Param, fan_in: tuple | None = None, **metadata) -> nnx.Param:
+  """A parameter with logical axis names; std=None means ones (norm scales), 0 zeros.
+
+  kind: its variable type (models/roles.py: Param, NoDecay, ExpertFlag); fan_in: the axes it
+  contracts over (default: a weight's first axis; none for NoDecay kinds); metadata: more
+  role tags (proj=..., out_proj=True)."""
   if std is None:
     value = jnp.ones(shape, jnp.float32)
   elif std == 0.0:
     value = jnp.zeros(shape, jnp.float32)
   else:
     value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-  return nnx.Param(value, out_sharding=names)
+  if fan_in is None:
+    fan_in = tuple(names[:1]) if kind is nnx.Param else ()
+  return kind(value, out_sharding=names, fan_in=tuple(fan_in), **metadata)
 
 
 class RMSNorm(nnx.Module):
@@ -32,7 +40,7 @@ class RMSNorm(nnx.Module):
   Qwen3.5 / Gemma (scale initialised at 0); the default is Llama's (scale at 1)."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, offset: float = 0.0, axis_name: str = "embed"):
-    self.scale = param(rngs, (dim,), (axis_name,), 0.0 if offset else None)
+    self.scale = param(rngs, (dim,), (axis_name,), 0.0 if offset else None, kind=NoDecay)
     self.eps = eps
     self.offset = offset
 
@@ -46,9 +54,9 @@ class MLP(nnx.Module):
   """SwiGLU feed-forward block."""
 
   def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float):
-    self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), std)
-    self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), std)
-    self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), std / 2)
+    self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, proj="gate")
+    self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, proj="up")
+    self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), std / 2, proj="down", out_proj=True)
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     gate_BTF = dense("btd,df->btf", x_BTD, self.w_gate[...])
@@ -84,7 +92,7 @@ class ShortConv(nnx.Module):
   """
 
   def __init__(self, width: int, dim: int, *, rngs: nnx.Rngs):
-    self.w = param(rngs, (width, dim), (None, "embed"), 1.0 / width)
+    self.w = param(rngs, (width, dim), (None, "embed"), 1.0 / width, fan_in=())  # depthwise
 
   def __call__(self, x_BTD: jax.Array, valid, cache_BWD: jax.Array | None = None):
     y, cache = causal_taps(x_BTD, self.w[...], valid, cache_BWD)

@@ -21,62 +21,51 @@ With m a power of two the scaling is exact in floating point; only summation ord
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from sleep_jax.config import Config
-from sleep_jax.models import cms
+from sleep_jax.models import roles
 
 GROWN_AXES = ("embed", "mlp", "heads")
-# Leaf name -> the logical axes it contracts over (its inputs). Everything else (embedding
-# table, norm scales, output projections' outputs) is only tiled.
-INPUT_AXES = {"unembed": ("embed",), "wq": ("embed",), "wk": ("embed",), "wv": ("embed",), "wo": ("heads",),
-              "w_gate": ("embed",), "w_up": ("embed",), "w_down": ("mlp",), "a": ("embed",), "gate": ("embed",)}
-OUTPUT_PROJECTIONS = ("wo", "w_down")  # zeroed in appended layers
 
 
-def _key(k) -> Any:
-  return getattr(k, "key", getattr(k, "idx", k))
+def _expert(level: int, slot: int):
+  return lambda r: r.cms_level == level and r.expert_slot == slot  # noqa: E731
 
 
-def _path(path) -> tuple:
-  return tuple(_key(k) for k in path)
+def set_expert(params: dict, param_roles: dict, level: int, slot: int, *, active: bool) -> dict:
+  """Activate (or deactivate) expert `slot` of CMS `level` in every layer, with B = 0 (its
+  output projection), so the function does not change."""
+  mine = _expert(level, slot)
+
+  def edit(r, x):
+    if not mine(r):
+      return x
+    if r.is_flag:
+      return jnp.full_like(x, 1.0 if active else 0.0)
+    return jnp.zeros_like(x) if r.out_proj else x
+
+  return roles.edit(params, param_roles, edit)
 
 
-def set_expert(params: dict, level: int, slot: int, *, active: bool) -> dict:
-  """Activate (or deactivate) expert `slot` of CMS `level` in every layer, with B = 0."""
-  def edit(path, x):
-    p = _path(path)
-    if "levels" in p and p[p.index("levels") + 1] == level and p[-3:-1] == ("experts", slot):
-      if p[-1] == "active":
-        return jnp.full_like(x, 1.0 if active else 0.0)
-      if p[-1] == "b":
-        return jnp.zeros_like(x)
-    return x
-
-  return jax.tree_util.tree_map_with_path(edit, params)
-
-
-def reset_level(params: dict, level: int) -> dict:
+def reset_level(params: dict, param_roles: dict, level: int) -> dict:
   """Synaptic pruning: every added expert of `level` inactive with B = 0."""
-  n = len(cms.expert_slots(params, level))
-  for slot in range(n):
-    params = set_expert(params, level, slot, active=False)
+  for slot in range(roles.expert_slots(param_roles)):
+    params = set_expert(params, param_roles, level, slot, active=False)
   return params
 
 
-def active_slots(params: dict, level: int) -> list[int]:
-  experts = cms.expert_slots(params, level)
-  return [e for e in sorted(experts) if float(np.asarray(experts[e]["active"]).max()) > 0]
+def active_slots(params: dict, param_roles: dict, level: int) -> list[int]:
+  flags = roles.select(params, param_roles, lambda r: r.is_flag and r.cms_level == level)
+  return sorted({r.expert_slot for r, x in flags if float(np.asarray(x).max()) > 0})
 
 
-def next_free_slot(params: dict, level: int) -> int:
-  used = active_slots(params, level)
-  free = [e for e in sorted(cms.expert_slots(params, level)) if e not in used]
+def next_free_slot(params: dict, param_roles: dict, level: int) -> int:
+  used = active_slots(params, param_roles, level)
+  free = [e for e in range(roles.expert_slots(param_roles)) if e not in used]
   if not free:
     raise ValueError(f"CMS level {level} has no free expert slot (raise model.cms.experts)")
   return free[0]
@@ -92,30 +81,27 @@ def student_config(cfg: Config) -> Config:
   return dataclasses.replace(cfg, model=model, mesh=s.student_mesh)
 
 
-def grow_params(small: dict, small_logical: dict, big_init: dict, *, width: int) -> dict:
+def grow_params(small: dict, small_roles: dict, big_init: dict, *, width: int) -> dict:
   """Grown parameters: `small` expanded into the shapes of `big_init` (a fresh student init,
-  whose values fill the appended layers). small_logical: logical axis names per leaf."""
-  flat_small = dict(jax.tree_util.tree_flatten_with_path(small)[0])
-  flat_logical = dict(jax.tree_util.tree_flatten_with_path(small_logical, is_leaf=lambda x: isinstance(x, P))[0])
+  whose values fill the appended layers). small_roles: the small model's Role tree (logical
+  axes, fan-in axes, output projections, expert flags per leaf)."""
 
-  def grow(path, big):
-    x = flat_small[path]
-    names = tuple(flat_logical[path] or ())
-    names = names + (None,) * (x.ndim - len(names))
-    name = _key(path[-1])
+  def grow(r, x, big):
+    names = r.names + (None,) * (x.ndim - len(r.names) - int(r.stacked))
+    if r.stacked:
+      names = ("layers",) + names
     for axis, n in enumerate(names):
       if n in GROWN_AXES and width > 1:
         x = jnp.concatenate([x] * width, axis=axis)
-        if n in INPUT_AXES.get(name, ()):
+        if n in r.fan_in:
           x = x / width
-    p = _path(path)
-    if p[0] == "groups" and big.shape[0] > x.shape[0]:  # stacked layers: append identity layers
+    if r.stacked and big.shape[0] > x.shape[0]:  # stacked layers: append identity layers
       new = big[x.shape[0]:]
-      if name in OUTPUT_PROJECTIONS or (name in ("b", "active") and "experts" in p):
+      if r.out_proj or r.is_flag:  # zero branch outputs, inactive experts
         new = jnp.zeros_like(new)
       x = jnp.concatenate([x, new], axis=0)
     if x.shape != big.shape:
-      raise ValueError(f"cannot grow {'/'.join(map(str, p))}: {x.shape} vs student {big.shape}")
+      raise ValueError(f"cannot grow a {r.names} parameter: {x.shape} vs student {big.shape}")
     return x.astype(big.dtype)
 
-  return jax.tree_util.tree_map_with_path(grow, big_init)
+  return jax.tree.map(grow, small_roles, small, big_init, is_leaf=roles.is_role)

@@ -27,7 +27,7 @@ from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN, FactWorld
 from sleep_jax.generate import sample_tokens
-from sleep_jax.models import model_factory
+from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, steps
 from sleep_jax.seeding.stage import run_stage
 from sleep_jax.train import Trainer, optax_state_shardings
@@ -43,6 +43,7 @@ class ModelOnMesh:
     self.cfg, self.mesh = cfg, mesh
     self.make = model_factory(cfg)
     self.graphdef, self.abstract, self.logical = shd.abstract_model(self.make)
+    self.roles = roles.roles_for(cfg)
     self.shardings = self.on(mesh)
     self.rep = shd.replicated(mesh)
     self.samplers: dict = {}
@@ -110,10 +111,10 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
                     init=trainer.init_state, step=lambda s, i: trainer.train_step(s, old_batch(i)),
                     steps=cfg.train.steps, every=cfg.checkpoint.every, log_every=cfg.train.log_every,
                     desc="teacher: old facts")
-  slot = expand.next_free_slot(jax.device_get(state["params"]), FAST)
-  params = expand.set_expert(state["params"], FAST, slot, active=True)
+  slot = expand.next_free_slot(jax.device_get(state["params"]), t.roles, FAST)
+  params = expand.set_expert(state["params"], t.roles, FAST, slot, active=True)
   sc = cfg.seeding
-  tx = steps.masked_optimizer(steps.train_labels(params, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
+  tx = steps.masked_optimizer(steps.train_labels(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
   shardings, abstract, make = t.train_state(tx, cfg.seed + 2)
 
   def mixed(i):  # new facts, with old ones replayed so the expert does not disturb them
@@ -133,14 +134,14 @@ def expand_student(cfg: Config, t: ModelOnMesh, s: ModelOnMesh, teacher_params) 
   """Grown student on its own mesh (teacher restored onto it), fast experts reset, new slow
   expert active. Returns (params, max |logits diff| right after growth and activation)."""
   on_student_mesh = jax.device_put(teacher_params, t.on(s.mesh))
-  grow = jax.jit(functools.partial(expand.grow_params, small_logical=t.logical, width=cfg.seeding.grow_width),
+  grow = jax.jit(functools.partial(expand.grow_params, small_roles=t.roles, width=cfg.seeding.grow_width),
                  out_shardings=s.shardings)
   grown = grow(on_student_mesh, big_init=s.init(cfg.seed + 3))
   slow = len(cfg.model.cms.d_ff) - 1
-  grown = expand.set_expert(grown, slow, expand.next_free_slot(jax.device_get(grown), slow), active=True)
+  grown = expand.set_expert(grown, s.roles, slow, expand.next_free_slot(jax.device_get(grown), s.roles, slow), active=True)
   probe = jnp.asarray(_probe_tokens(cfg))
   diff = float(jnp.max(jnp.abs(nnx.merge(s.graphdef, grown)(probe)[0] - nnx.merge(t.graphdef, teacher_params)(probe)[0])))
-  return expand.reset_level(grown, FAST), diff
+  return expand.reset_level(grown, s.roles, FAST), diff
 
 
 def _probe_tokens(cfg: Config) -> np.ndarray:

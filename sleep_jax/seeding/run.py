@@ -47,11 +47,11 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
   slow = len(cfg.model.cms.d_ff) - 1
   params = student_params
   if spec["train"] == "slow_mlp":  # no expansion: undo the new expert, train existing weights
-    slot = expand.active_slots(jax.device_get(params), slow)[-1]
-    params = expand.set_expert(params, slow, slot, active=False)
-    labels = steps.train_labels(params, level=slow, slot=None)
+    slot = expand.active_slots(jax.device_get(params), s.roles, slow)[-1]
+    params = expand.set_expert(params, s.roles, slow, slot, active=False)
+    labels = steps.train_labels(s.roles, level=slow, slot=None)
   else:
-    labels = steps.train_labels(params, level=slow, slot=expand.active_slots(jax.device_get(params), slow)[-1])
+    labels = steps.train_labels(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
   tx = steps.masked_optimizer(labels, sc.lr, sc.steps)
   shardings, abstract, make = s.train_state(tx, cfg.seed + 7)
   bsh = shd.batch_sharding(s.mesh)

@@ -28,8 +28,8 @@ from flax import nnx
 from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN
 from sleep_jax.generate import sample_tokens
+from sleep_jax.models import roles
 from sleep_jax.seeding import distill, imitate
-from sleep_jax.seeding.expand import _path
 
 
 def _logits_fn(model):
@@ -37,17 +37,17 @@ def _logits_fn(model):
   return lambda tokens_BT: model(tokens_BT)[0]
 
 
-def train_labels(params: dict, *, level: int, slot: int | None) -> Any:
-  """'train' for expert `slot` of CMS `level` (slot None: that level's base MLP), else 'freeze'."""
-  def label(path, _):
-    p = _path(path)
-    if "levels" not in p or p[p.index("levels") + 1] != level or p[-1] == "active":
+def train_labels(param_roles: dict, *, level: int, slot: int | None) -> Any:
+  """'train' for expert `slot` of CMS `level` (slot None: that level's base MLP), else
+  'freeze' (models/roles.py: chosen by each parameter's role, on any architecture)."""
+  def label(r):
+    if r.cms_level != level or not r.trainable:
       return "freeze"
     if slot is None:
-      return "train" if "mlp" in p else "freeze"
-    return "train" if p[-3:-1] == ("experts", slot) else "freeze"
+      return "train" if r.cms_part == "mlp" else "freeze"
+    return "train" if r.expert_slot == slot else "freeze"
 
-  return jax.tree_util.tree_map_with_path(label, params)
+  return roles.labels(param_roles, label)
 
 
 def masked_optimizer(labels, lr: float, steps: int, clip: float = 1.0) -> optax.GradientTransformation:
