@@ -97,8 +97,20 @@ class SleepConfig:
 
 
 @dataclass
+class CorpusConfig:
+  """One text source of data.source=corpus (see sleep_jax/data/corpus.py)."""
+  path: str = ""  # a file or directory (text, jsonl), a prepared TFDS dataset dir (tfds), a stdlib subdir or ""
+  format: str = "text"  # text | jsonl | tfds | stdlib (the Python standard library's own .py sources)
+  field: str = "text"  # jsonl / tfds: the feature holding each document's text
+  weight: float = 1.0  # share of the train mixture (normalised over data.corpora)
+  name: str = ""  # label in logs and dataset names ("": from the path)
+  split: str = "train"  # tfds: the TFDS split read (train/eval are then split by document)
+  separator: str = ""  # text: documents end at this string ("": one document per file)
+
+
+@dataclass
 class DataConfig:
-  source: str = "task"  # task | text
+  source: str = "task"  # task | text (byte windows of one file) | corpus (tokenized, packed, mixed)
   task: str = "rule110"
   task_options: dict[str, Any] = field(default_factory=dict)
   seed: int = 0  # seed that generates the task dataset (the top-level seed only reshuffles it)
@@ -109,6 +121,14 @@ class DataConfig:
   train_examples: int = 20000
   eval_examples: int = 1000
   prefetch: int = 2  # batches prepared ahead by grain worker threads
+  # -- source=corpus: documents tokenized in grain workers, packed into seq_len windows with
+  # positions / segment ids, cached as array_record, mixed by weight --
+  corpora: list[CorpusConfig] = field(default_factory=list)
+  tokenizer: str = "bytes"  # bytes (vocab 256) | tokenizer.json | SentencePiece .model | a tokenizer dir
+  train_tokenizer_vocab: int = 0  # >0: train a byte-level BPE of this size on the train documents if absent
+  eval_fraction: float = 0.02  # share of documents (by hash) held out for eval
+  pack: bool = True  # concat-then-split documents into windows (False: each window holds one document)
+  tokenize_threads: int = 2  # grain worker threads that read and tokenize documents on the first pass
 
 
 @dataclass
@@ -256,7 +276,7 @@ _CHOICES = {
     "model.eviction": ("none", "hard", "sliding"),
     "sleep.schedule": ("masked", "every_chunk"),
     "model.compute_dtype": ("float32", "bfloat16"),
-    "data.source": ("task", "text"),
+    "data.source": ("task", "text", "corpus"),
     "distributed.mode": ("auto", "on", "off"),
 }
 
@@ -325,7 +345,26 @@ def _validate(cfg: Config) -> None:
     v = getattr(cfg.mesh, key)
     if v == 0 or v < -1:
       raise ConfigError(f"bad value for config key 'mesh.{key}': {v} (use a positive size or -1)")
+  _check_corpora(cfg.data)
   _check_ranges(cfg)
+
+
+CORPUS_FORMATS = ("text", "jsonl", "tfds", "stdlib")
+
+
+def _check_corpora(d: DataConfig) -> None:
+  if d.source == "corpus" and not d.corpora:
+    raise ConfigError("bad value for config key 'data.corpora': data.source=corpus needs at least one corpus")
+  for i, c in enumerate(d.corpora):
+    key = f"data.corpora[{i}]"
+    if c.format not in CORPUS_FORMATS:
+      raise ConfigError(f"bad value for config key '{key}.format': {c.format!r} not in {CORPUS_FORMATS}")
+    if not c.weight > 0 or c.weight == float("inf"):
+      raise ConfigError(f"bad value for config key '{key}.weight': {c.weight} (mixture weights must be positive)")
+    if c.format != "stdlib" and not c.path:
+      raise ConfigError(f"bad value for config key '{key}.path': not set (format {c.format} reads a path)")
+  if not 0 < d.eval_fraction < 1:
+    raise ConfigError(f"bad value for config key 'data.eval_fraction': {d.eval_fraction} must be in (0, 1)")
 
 
 def _ranges(cfg: Config) -> list[tuple[str, Any, Optional[float], Optional[float], bool]]:
@@ -346,6 +385,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Optional[float], Optional[float
       ("sleep.single_pass_steps", sl.single_pass_steps, 0, inf, False),
       ("data.train_examples", d.train_examples, 1, inf, False), ("data.eval_examples", d.eval_examples, 1, inf, False),
       ("data.prefetch", d.prefetch, 0, inf, False),
+      ("data.train_tokenizer_vocab", d.train_tokenizer_vocab, 0, inf, False),
+      ("data.tokenize_threads", d.tokenize_threads, 0, inf, False),
       ("train.lr", t.lr, 0, inf, False), ("train.warmup_steps", t.warmup_steps, 0, inf, False),
       ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, False), ("train.weight_decay", t.weight_decay, 0, inf, False),
       ("train.b1", t.b1, 0, 1, True), ("train.b2", t.b2, 0, 1, True), ("train.clip_norm", t.clip_norm, 0, inf, False),
@@ -410,6 +451,19 @@ def read_yaml_mapping(path: str, what: str, error: type[ConfigError] = ConfigErr
   return raw
 
 
+def _check_corpus_keys(raw: Any) -> None:
+  # OmegaConf names an unknown key inside a list element without its path ('wieght');
+  # a corpus list is where such typos happen, so name the whole key here.
+  corpora = (raw.get("data") or {}).get("corpora") if isinstance(raw, dict) and isinstance(raw.get("data"), dict) else None
+  known = {f.name for f in dataclasses.fields(CorpusConfig)}
+  for i, c in enumerate(corpora if isinstance(corpora, list) else []):
+    if not isinstance(c, dict):
+      raise ConfigError(f"bad value for config key 'data.corpora[{i}]': expected a mapping like {{path: ..., format: ...}}")
+    for k in c:
+      if k not in known:
+        raise ConfigError(f"unknown config key 'data.corpora[{i}].{k}'")
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
   """YAML file (optional) + `key=value` overrides -> validated `Config`."""
   schema = OmegaConf.structured(Config)
@@ -421,8 +475,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     for item in overrides:
       if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
+      _check_corpus_keys(raw)
     if overrides:
-      merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+      dots = OmegaConf.from_dotlist(list(overrides))
+      _check_corpus_keys(OmegaConf.to_container(dots))
+      merged = OmegaConf.merge(merged, dots)
     cfg = OmegaConf.to_object(merged)
     if cfg.model.init_from:  # the checkpoint decides the architecture; the run the rest
       from sleep_jax.hf.registry import resolve_init_from

@@ -26,7 +26,7 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
   passes = []
   for batch in data_lib.make_eval_batches(cfg.data, batch_size=B, num_batches=num_batches,
                                           process_index=slot, process_count=slots):
-    local = {k: batch[k] for k in ("tokens", "loss_mask")}
+    local = {k: batch[k] for k in ("tokens", "loss_mask", "positions", "segment_ids") if k in batch}
     out = jax.device_get(trainer.eval_step(params, shd.global_batch(local, trainer.mesh)))
     loss_sum += float(out["loss_sum"])
     tokens += float(out["tokens"])

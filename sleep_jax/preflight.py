@@ -29,6 +29,13 @@ def check_data(cfg: Config) -> data_lib.DataSpec:
       except (ValueError, TypeError, ArithmeticError, RuntimeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise data_lib.DataError(f"{key}: {why}") from None
+  if cfg.data.source == "corpus":  # every corpus file readable text, every JSONL line parsed
+    from sleep_jax.data.tokenized import scan_all
+
+    scan_all(cfg.data)
+    if info.vocab_size > cfg.model.vocab_size:
+      raise ConfigError(f"bad value for config key 'model.vocab_size': {cfg.model.vocab_size} < the vocabulary of "
+                        f"data.tokenizer={cfg.data.tokenizer} ({info.vocab_size} tokens)")
   if info.example_len > cfg.data.seq_len:
     what = "text windows" if cfg.data.source == "text" else f"task '{cfg.data.task}' examples"
     raise data_lib.DataError(f"data.seq_len={cfg.data.seq_len} is too short: {what} need {info.example_len} tokens")

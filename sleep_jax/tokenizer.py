@@ -303,6 +303,13 @@ def train_bpe(corpus_paths: Sequence[str], out_dir: str, *, vocab_size: int = 81
   Writes out_dir/tokenizer.json and tokenizer_config.json (transformers' AutoTokenizer loads
   the directory). model_max_length is only what transformers warns at; our models take any.
   """
+  return train_bpe_on(iter_corpus(corpus_paths), out_dir, vocab_size=vocab_size, min_frequency=min_frequency,
+                      model_max_length=model_max_length, show_progress=show_progress)
+
+
+def train_bpe_on(documents: Iterator[str], out_dir: str, *, vocab_size: int = 8192, min_frequency: int = 2,
+                 model_max_length: int = 1 << 20, show_progress: bool = True) -> Tokenizer:
+  """train_bpe over an iterator of documents (the data pipeline's train split)."""
   from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
   alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -311,7 +318,7 @@ def train_bpe(corpus_paths: Sequence[str], out_dir: str, *, vocab_size: int = 81
                          f"({len(alphabet) + len(SPECIALS)})")
   if min_frequency < 1:
     raise TokenizerError(f"min_frequency must be >= 1, got {min_frequency}")
-  corpus = iter_corpus(corpus_paths)
+  corpus = iter(documents)
   first = next(corpus, None)  # surfaces a bad corpus before the trainer starts its progress bars
   tok = HFTokenizer(models.BPE())
   # No normaliser and no prefix space: decode(encode(x)) == x exactly.

@@ -86,6 +86,12 @@ def split_batch(batch: dict[str, jax.Array]):
   return tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:]
 
 
+def segment_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """forward()'s positions_BT / segment_ids_BT for the inputs tokens[:, :-1] of packed text
+  (empty for task data, which has one example per row)."""
+  return {f"{k}_BT": batch[k][:, :-1] for k in ("positions", "segment_ids") if k in batch}
+
+
 class Trainer:
   """Mesh, shardings and jitted steps for one config."""
 
@@ -167,7 +173,8 @@ class Trainer:
 
   def _stats(self, params, batch, cfg: Config | None = None, training: bool = True):
     inputs, targets, mask = split_batch(batch)
-    logits, passes_B = forward(self.model(params, cfg), inputs, mask, cfg or self.cfg, training=training)
+    logits, passes_B = forward(self.model(params, cfg), inputs, mask, cfg or self.cfg, training=training,
+                               **segment_inputs(batch))
     stats = token_stats(logits, targets, mask)
     if passes_B is not None:
       stats["passes_B"] = passes_B.astype(jnp.float32)

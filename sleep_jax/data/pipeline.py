@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Iterator, Optional
 
 import grain
 import numpy as np
 
+from sleep_jax.data import mixture
 from sleep_jax.data import tasks as tasks_lib
 from sleep_jax.data import text as text_lib
-from sleep_jax.data.builders import DataError, data_seed, stable_hash, task_builders, task_options
+from sleep_jax.data.builders import DataError, data_seed, task_builders, task_options
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,10 @@ def dataset_info(cfg) -> DataSpec:
   """Vocab size and example length of the configured data, without building anything."""
   if cfg.source == "text":
     return DataSpec(text_lib.VOCAB_SIZE, int(cfg.seq_len), int(cfg.seq_len))
+  if cfg.source == "corpus":  # packed windows are exactly seq_len; the tokenizer sets the vocabulary
+    from sleep_jax.data.tokenized import data_tokenizer
+
+    return DataSpec(int(data_tokenizer(cfg).vocab_size), int(cfg.seq_len), int(cfg.seq_len))
   train, eval_ = task_options(cfg)
   task = tasks_lib.get_task(cfg.task)
   if hasattr(task, "seq_len"):
@@ -63,20 +71,45 @@ def _builders(cfg, prepare: bool) -> dict[str, Any]:
 
 
 def dataset_dir(cfg, split: str = "train") -> str:
-  """Where the configured split lives (or will, once built); builds nothing."""
+  """Where the configured split lives (or will, once built; a mixture: its first corpus)."""
+  if cfg.source == "corpus":
+    from sleep_jax.data.tokenized import corpus_builders
+
+    return str(corpus_builders(cfg, prepare=False)[0][1].data_path)
   return str(_builders(cfg, prepare=False)[split].data_path)
 
 
 def data_sources(cfg) -> dict[str, Any]:
-  """{"train", "eval"} random-access sources (decoded numpy dicts), building on first use."""
+  """{"train", "eval"} random-access sources (decoded numpy dicts), building on first use.
+  source=corpus: "train" is the list of the corpora's train sources (mixed by TrainIterator),
+  "eval" their eval windows shared by weight (mixture.eval_mixture)."""
   _check_fits(cfg, dataset_info(cfg).example_len)
+  if cfg.source == "corpus":
+    from sleep_jax.data.tokenized import corpus_builders
+
+    built = corpus_builders(cfg, prepare=True)
+    weights = [c.weight for c in cfg.corpora]
+    return {"train": [b.as_data_source("train") for _, b in built],
+            "eval": mixture.eval_mixture([b.as_data_source("eval") for _, b in built], weights,
+                                         int(cfg.eval_examples))}
   return {split: b.as_data_source(split) for split, b in _builders(cfg, prepare=True).items()}
+
+
+def packing_report(cfg) -> dict[str, dict]:
+  """{corpus name: {"train": PackStats dict, "eval": ...}} of the built corpora (source=corpus)."""
+  from sleep_jax.data.tokenized import corpus_builders, pack_report
+
+  return {c.name: pack_report(b) for c, b in corpus_builders(cfg, prepare=True)}
 
 
 def _collate(examples, *, seq_len: int, eval_: bool = False) -> dict[str, np.ndarray]:
   """Right-pad to seq_len with token 0 / mask 0; None (eval padding) becomes an invalid row."""
   n = len(examples)
-  out = {"tokens": np.zeros((n, seq_len), np.int32), "loss_mask": np.zeros((n, seq_len), np.int32)}
+  keys = ["tokens", "loss_mask"]
+  first = next((ex for ex in examples if ex is not None), None)
+  if first is not None and "segment_ids" in first:  # packed text: where each document starts
+    keys += ["positions", "segment_ids"]
+  out = {k: np.zeros((n, seq_len), np.int32) for k in keys}
   if eval_:
     out["difficulty"] = np.zeros((n,), np.int32)
     out["valid"] = np.zeros((n,), bool)
@@ -86,8 +119,8 @@ def _collate(examples, *, seq_len: int, eval_: bool = False) -> dict[str, np.nda
     T = len(ex["tokens"])
     if T > seq_len:  # a variable-length task produced a longer example than it announced
       raise DataError(f"data.seq_len={seq_len} is too short: an example needs {T} tokens")
-    out["tokens"][i, :T] = ex["tokens"]
-    out["loss_mask"][i, :T] = ex["loss_mask"]
+    for k in keys:
+      out[k][i, :T] = ex[k]
     if eval_:
       out["difficulty"][i] = ex["difficulty"]
       out["valid"][i] = True
@@ -101,10 +134,7 @@ def _read_options(cfg) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
 
 
-def _shuffle_seed(seed: int) -> int:
-  # grain permutes epoch e with seed + e, so plain seeds would make run seed=1 replay the
-  # epoch-1 order of run seed=0; hashing the seed first decorrelates neighbouring seeds.
-  return int(stable_hash(["shuffle", int(seed)], n=8), 16)
+_shuffle_seed = mixture.shuffle_seed
 
 
 class TrainIterator:
@@ -117,7 +147,11 @@ class TrainIterator:
                       f"multiple of the process count {process_count}")
     if not 0 <= process_index < process_count:
       raise DataError(f"process_index {process_index} not in [0, {process_count})")
-    if len(source) == 0:
+    if isinstance(source, (list, tuple)):  # source=corpus: one source per corpus, mixed by weight
+      empty = [c for c, s in zip(cfg.corpora, source) if len(s) == 0]
+      if empty:
+        raise DataError(f"data.corpora: the train split of {empty[0].name or empty[0].path or empty[0].format} is empty")
+    elif len(source) == 0:
       raise DataError("data.train_examples: the train split is empty")
     self._cfg, self._source = cfg, source
     self.global_batch_size, self.seed = int(global_batch_size), int(seed)
@@ -131,10 +165,14 @@ class TrainIterator:
       self._it.close()  # stop the old prefetch threads before starting new ones
     P, p = self.process_count, self.process_index
     collate = functools.partial(_collate, seq_len=int(self._cfg.seq_len))
-    ds = (grain.MapDataset.source(self._source)
-          .shuffle(seed=_shuffle_seed(self.seed))
-          .repeat()
-          .batch(self.local_batch_size, batch_fn=collate))
+    if isinstance(self._source, (list, tuple)):
+      from sleep_jax.data.corpus import corpus_name
+
+      names = [corpus_name(c, i) for i, c in enumerate(self._cfg.corpora)]
+      examples = mixture.train_mixture(self._source, [c.weight for c in self._cfg.corpora], names, self.seed)
+    else:
+      examples = grain.MapDataset.source(self._source).shuffle(seed=_shuffle_seed(self.seed)).repeat()
+    ds = examples.batch(self.local_batch_size, batch_fn=collate)
     ds = ds[step * P + p::P]
     self._it = iter(ds.to_iter_dataset(_read_options(self._cfg)))
     self.step = step
@@ -165,8 +203,15 @@ class TrainIterator:
 
 def make_train_iterator(cfg, *, global_batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_step: int = 0) -> TrainIterator:
-  """Endless train batches {"tokens", "loss_mask"}: int32[global_batch_size // process_count,
-  data.seq_len], the rows of global batch `step` that belong to `process_index`."""
+  """Endless train batches {"tokens", "loss_mask"} (packed text also "positions",
+  "segment_ids"): int32[global_batch_size // process_count, data.seq_len], the rows of global
+  batch `step` that belong to `process_index`."""
+  if cfg.source == "corpus":
+    for name, report in packing_report(cfg).items():
+      if report:
+        t = report["train"]
+        log.info("data %s: %d documents, %d tokens, %d windows of %d, packing efficiency %.4f", name,
+                 t["documents"], t["tokens"], t["windows"], t["seq_len"], t["packing_efficiency"])
   return TrainIterator(cfg, data_sources(cfg)["train"], global_batch_size=global_batch_size,
                        seed=seed, process_index=process_index, process_count=process_count,
                        start_step=start_step)
