@@ -88,8 +88,12 @@ def split_batch(batch: dict[str, jax.Array]):
 
 def segment_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """forward()'s positions_BT / segment_ids_BT for the inputs tokens[:, :-1] of packed text
-  (empty for task data, which has one example per row)."""
-  return {f"{k}_BT": batch[k][:, :-1] for k in ("positions", "segment_ids") if k in batch}
+  (empty for task data, which has one example per row), and a batch's own sleep schedule
+  ("consolidate" [B, n_chunks of the inputs]) when it carries one."""
+  out = {f"{k}_BT": batch[k][:, :-1] for k in ("positions", "segment_ids") if k in batch}
+  if "consolidate" in batch:
+    out["consolidate_BC"] = batch["consolidate"]
+  return out
 
 
 class Trainer:
