@@ -74,8 +74,16 @@ def cmd_eval(args) -> int:
   if not os.path.exists(path):
     raise ConfigError(f"{args.run_dir} is not a run dir (no config.yaml)")
   cfg = load_config(path, [f"run_dir={args.run_dir}", *args.overrides])
-  result = evaluate_run_dir(cfg, num_batches=args.batches)
-  _print_eval(result)
+  if args.long_context:
+    from sleep_jax.longctx import evaluate_long_context, format_long_context
+
+    if cfg.data.source != "corpus":
+      raise ConfigError(f"--long-context needs a text corpus run (data.source=corpus), not data.source={cfg.data.source}")
+    result = evaluate_long_context(cfg, num_batches=args.batches, passkeys=args.passkeys)
+    print(format_long_context(result))
+  else:
+    result = evaluate_run_dir(cfg, num_batches=args.batches)
+    _print_eval(result)
   print(json.dumps(result))
   return 0
 
@@ -97,10 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10 sleep.passes=2")
   t.set_defaults(func=cmd_train)
   e = sub.add_parser("eval", help="evaluate the latest checkpoint of a run dir",
-                     description="Exact-match accuracy of the answer tokens on the held-out split, per difficulty.")
+                     description="Exact-match accuracy of the answer tokens on the held-out split, per difficulty; "
+                                 "with --long-context, the long-context text evaluation.")
   e.add_argument("run_dir")
   e.add_argument("overrides", nargs="*", help="key=value overrides (e.g. data.eval_task_options.steps=8)")
   e.add_argument("--batches", type=int, default=None, help="limit the number of eval batches (default: all)")
+  e.add_argument("--long-context", action="store_true",
+                 help="text runs: perplexity by offset since eviction and by distance to the document start, "
+                      "and passkey retrieval across evictions (writes RUN_DIR/long_context.json)")
+  e.add_argument("--passkeys", type=int, default=32, help="passkey examples per gap (with --long-context)")
   e.set_defaults(func=cmd_eval)
   _add_tokenizer_parser(sub)
   for register in _extra_commands():
