@@ -48,8 +48,8 @@ def evaluate(trainer: Trainer, params, *, num_batches: int | None) -> dict[str, 
   return result
 
 
-def evaluate_run_dir(cfg: Config, *, num_batches: int | None = None) -> dict[str, Any]:
-  """Restore the newest readable checkpoint of cfg.run_dir and evaluate it on the eval split."""
+def restore_for_eval(cfg: Config) -> tuple[Trainer, int, Any]:
+  """(trainer, step, params) of the newest readable checkpoint of cfg.run_dir."""
   trainer = Trainer(cfg)
   # A reader: it may run beside a training process, so it never moves a checkpoint aside.
   ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=False, set_aside=False)
@@ -58,7 +58,13 @@ def evaluate_run_dir(cfg: Config, *, num_batches: int | None = None) -> dict[str
   if restored is None:
     raise CheckpointError(f"no readable checkpoint in {ckpt.directory}")
   step, state, _ = restored
-  result = {"step": step, **evaluate(trainer, state["params"], num_batches=num_batches)}
+  return trainer, int(step), state["params"]
+
+
+def evaluate_run_dir(cfg: Config, *, num_batches: int | None = None) -> dict[str, Any]:
+  """Restore the newest readable checkpoint of cfg.run_dir and evaluate it on the eval split."""
+  trainer, step, params = restore_for_eval(cfg)
+  result = {"step": step, **evaluate(trainer, params, num_batches=num_batches)}
   if jax.process_index() == 0:
     with open(os.path.join(cfg.run_dir, "eval_full.json"), "w") as f:
       json.dump(result, f, indent=2)

@@ -167,20 +167,13 @@ def eval_filler(cfg: Config, n_batches: int = 4) -> np.ndarray:
 
 def evaluate_long_context(cfg: Config, *, num_batches: int | None = None, passkeys: int = 32) -> dict[str, Any]:
   """Both measurements on the newest checkpoint of cfg.run_dir; writes long_context.json there."""
-  from sleep_jax.checkpoint import CheckpointError, Checkpointer
   from sleep_jax.data.tokenized import data_tokenizer
+  from sleep_jax.evaluate import restore_for_eval
 
   if cfg.data.source != "corpus":
     raise ValueError("long-context evaluation needs a text corpus (data.source=corpus)")
-  trainer = Trainer(cfg)
-  ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=False, set_aside=False)
-  restored = ckpt.restore_latest(trainer.abstract_state)
-  ckpt.close()
-  if restored is None:
-    raise CheckpointError(f"no readable checkpoint in {ckpt.directory}")
-  step, state, _ = restored
-  params = state["params"]
-  result = {"step": int(step), "passes": cfg.sleep.passes, "chunk_len": cfg.sleep.chunk_len,
+  trainer, step, params = restore_for_eval(cfg)
+  result = {"step": step, "passes": cfg.sleep.passes, "chunk_len": cfg.sleep.chunk_len,
             **perplexity_by_position(trainer, params, num_batches=num_batches)}
   tok = data_tokenizer(cfg.data)
   result["passkey"] = passkey_accuracy(trainer, params, tok, eval_filler(cfg), n=passkeys)
