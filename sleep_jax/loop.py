@@ -31,6 +31,7 @@ log = logging.getLogger("sleep_jax")
 # Keys that may change between runs on one run dir (how it runs, not what it computes).
 # train.steps may grow to extend a run; note that this stretches the LR schedule.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.profile_steps", "train.peak_flops_per_device",
                      "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.data_dir",
                      "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods")
 

@@ -32,17 +32,18 @@ def sleeps(cfg: Config) -> bool:
 
 
 def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
-            training: bool = True):
+            training: bool = True, features: bool = False):
   """Logits [B, T, V] for next-token prediction, and the sleep passes used per example
-  (None when the model does not sleep)."""
+  (None when the model does not sleep). features: the head's input final_norm(h) [B, T, D]
+  instead of the logits (chunked losses: ops/chunked_ce.py with `model.head_weight()`)."""
   if sleeps(cfg):
     from sleep_jax.sleep import sleep_forward
 
     # Adaptive depth (sleep.adaptive_tol) is an inference option: training runs N passes.
     logits, passes_BC = sleep_forward(model, inputs_BT, target_mask_BT, cfg, return_passes=True,
-                                      adaptive=False if training else None)
+                                      adaptive=False if training else None, features=features)
     return logits, passes_BC.max(axis=-1)
-  return model(inputs_BT)[0], None
+  return model(inputs_BT, features=features)[0], None
 
 
 def logits(model: nnx.Module, tokens_BT: jax.Array, cfg: Config) -> jax.Array:
