@@ -325,9 +325,9 @@ def _validate(cfg: Config) -> None:
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError("bad value for config key 'train.grad_accum': must divide train.batch_size")
   ps = cfg.train.profile_steps
-  if ps and (len(ps) != 2 or not 0 <= ps[0] <= ps[1]):
+  if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1]):
     raise ConfigError(f"bad value for config key 'train.profile_steps': {list(ps)} must be [] or [start, stop] "
-                      "with 0 <= start <= stop")
+                      "with 1 <= start <= stop (steps as logged)")
   for key in ("data", "fsdp", "tensor"):
     v = getattr(cfg.mesh, key)
     if v == 0 or v < -1:
