@@ -146,6 +146,15 @@ class TrainConfig:
   log_every: int = 1
   eval_every: int = 0  # 0: only at the end
   eval_batches: int = 4
+  # Chunked loss (ops/chunked_ce.py): positions per chunk of the head's logits, so no float32
+  # [B, T, V] is ever materialised; 0: the plain loss; -1: chunked iff vocab_size >= 32768,
+  # with chunks of about 2^24 / vocab_size positions (train.loss_chunk_for).
+  loss_chunk: int = -1
+  # [start, stop]: a jax.profiler trace of steps start..stop into run_dir/profile ([]: off).
+  profile_steps: list[int] = field(default_factory=list)
+  # Peak FLOP/s of one device for the logged MFU; 0: a table of known accelerators by
+  # device kind, or on CPU a jnp.dot timed once at the start (loop_stats.py).
+  peak_flops_per_device: float = 0.0
 
 
 @dataclass
@@ -341,6 +350,10 @@ def _validate(cfg: Config) -> None:
     raise ConfigError(f"bad value for config key 'train.steps': {cfg.train.steps} must be >= 0")
   if cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError("bad value for config key 'train.grad_accum': must divide train.batch_size")
+  ps = cfg.train.profile_steps
+  if ps and (len(ps) != 2 or not 1 <= ps[0] <= ps[1]):
+    raise ConfigError(f"bad value for config key 'train.profile_steps': {list(ps)} must be [] or [start, stop] "
+                      "with 1 <= start <= stop (steps as logged)")
   for key in ("data", "fsdp", "tensor"):
     v = getattr(cfg.mesh, key)
     if v == 0 or v < -1:
@@ -391,7 +404,8 @@ def _ranges(cfg: Config) -> list[tuple[str, Any, Optional[float], Optional[float
       ("train.min_lr_ratio", t.min_lr_ratio, 0, 1, False), ("train.weight_decay", t.weight_decay, 0, inf, False),
       ("train.b1", t.b1, 0, 1, True), ("train.b2", t.b2, 0, 1, True), ("train.clip_norm", t.clip_norm, 0, inf, False),
       ("train.log_every", t.log_every, 1, inf, False), ("train.eval_every", t.eval_every, 0, inf, False),
-      ("train.eval_batches", t.eval_batches, 1, inf, False),
+      ("train.eval_batches", t.eval_batches, 1, inf, False), ("train.loss_chunk", t.loss_chunk, -1, inf, False),
+      ("train.peak_flops_per_device", t.peak_flops_per_device, 0, inf, False),
       ("seeding.fast_steps", sd.fast_steps, 0, inf, False), ("seeding.fast_lr", sd.fast_lr, 0, inf, False),
       ("seeding.steps", sd.steps, 0, inf, False), ("seeding.lr", sd.lr, 0, inf, False),
       ("seeding.batch_size", sd.batch_size, 1, inf, False), ("seeding.samples", sd.samples, 1, inf, False),

@@ -24,6 +24,7 @@ from sleep_jax import sharding as shd
 from sleep_jax.evaluate import evaluate
 from sleep_jax.checkpoint import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, Checkpointer
 from sleep_jax.metrics import MetricWriter
+from sleep_jax.throughput import Throughput, peak_flops_per_device
 from sleep_jax.train import Trainer
 
 log = logging.getLogger("sleep_jax")
@@ -31,6 +32,7 @@ log = logging.getLogger("sleep_jax")
 # Keys that may change between runs on one run dir (how it runs, not what it computes).
 # train.steps may grow to extend a run; note that this stretches the LR schedule.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.profile_steps", "train.peak_flops_per_device",
                      "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.data_dir",
                      "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods")
 
@@ -107,6 +109,34 @@ class Preemption:
       signals.uninstall()
 
 
+class Profile:
+  """train.profile_steps = [start, stop]: a jax.profiler trace of steps start..stop (numbered
+  as logged, from 1) into run_dir/profile; the trace stops once step stop has finished."""
+
+  def __init__(self, cfg: config_lib.Config):
+    self.range = tuple(cfg.train.profile_steps) or None
+    self.dir = os.path.join(cfg.run_dir, "profile")
+    self.on = False
+
+  def before(self, step: int) -> None:
+    if self.range and step == self.range[0] and not self.on:
+      jax.profiler.start_trace(self.dir)
+      self.on = True
+
+  def stops_at(self, step: int) -> bool:
+    return self.on and step >= self.range[1]
+
+  def after(self, step: int) -> None:
+    if self.stops_at(step):
+      self.close()
+
+  def close(self) -> None:
+    if self.on:
+      self.on = False
+      jax.profiler.stop_trace()
+      log.info("profile of steps %d-%d written to %s", *self.range, self.dir)
+
+
 def write_config(cfg: config_lib.Config) -> None:
   if jax.process_index() == 0:
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -153,41 +183,69 @@ def _train(cfg: config_lib.Config, trainer: Trainer) -> dict[str, Any]:
               dynamic_ncols=True, mininterval=1.0)
   last_saved = step
   timing = {"data_s": 0.0, "step_s": 0.0, "save_s": 0.0, "steps": 0}
+  rates = Throughput(tokens_per_step, peak_flops_per_device(cfg.train.peak_flops_per_device))
+  profile = Profile(cfg)
+  pending = None  # the last dispatched step whose metrics the host has not read yet
+  t_prev = [0.0]
+
+  def report(done: tuple) -> None:
+    """Read one step's metrics to the host, stop on a non-finite loss, log them."""
+    n, metrics, data_s, flops = done
+    metrics = jax.device_get(metrics)
+    now = time.perf_counter()
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step "
+                          f"{n}; stopped; the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}")
+    step_s = now - t_prev[0]
+    timing["data_s"] += data_s
+    timing["step_s"] += step_s
+    timing["steps"] += 1
+    if n % cfg.train.log_every == 0 or n == cfg.train.steps:
+      writer.write(n, {**{k: float(v) for k, v in metrics.items()}, **rates.row(step_s, flops),
+                       "data_wait_frac": data_s / max(step_s, 1e-9)})
+    pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+    pbar.update(1)
+    t_prev[0] = now
+
   try:
     distributed.sync_before_first_collective()
-    t_prev = time.perf_counter()
+    t_prev[0] = time.perf_counter()
     while step < cfg.train.steps:
+      profile.before(step + 1)
       t0 = time.perf_counter()
       local = next(it)
       t1 = time.perf_counter()
-      state, metrics = trainer.step_fn(step)(state, shd.global_batch(local, trainer.mesh))
-      metrics = jax.device_get(metrics)
+      step_fn = trainer.step_fn(step)
+      batch = shd.global_batch(local, trainer.mesh)
+      flops = rates.flops(step_fn, trainer.abstract_state, batch)
+      state, metrics = step_fn(state, batch)
       step += 1
-      now = time.perf_counter()
-      if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
-        raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step "
-                            f"{step}; stopped; the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}")
-      timing["data_s"] += t1 - t0
-      timing["step_s"] += now - t_prev
-      timing["steps"] += 1
-      if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-        writer.write(step, {**{k: float(v) for k, v in metrics.items()},
-                            "tokens_per_s": tokens_per_step / max(now - t_prev, 1e-9),
-                            "data_wait_frac": (t1 - t0) / max(now - t_prev, 1e-9)})
-      pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-      pbar.update(1)
+      # Metrics are read one step late: the host pulls step s - 1's while step s runs, and
+      # blocks on the step it just dispatched only where that step's state is about to be
+      # saved or evaluated (its state is donated to the next step, so it must be checked
+      # finite first), at the last step and at the end of a profiled range.
+      if pending is not None:
+        report(pending)
+      pending = (step, metrics, t1 - t0, flops)
       ckpt.check()  # a failed async save stops the run now, not at the end
       preempted = preemption.requested()
-      if step % cfg.checkpoint.every == 0 or preempted:
+      evals = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
+      saves = step % cfg.checkpoint.every == 0 or preempted
+      if saves or evals or step == cfg.train.steps or profile.stops_at(step):
+        report(pending)
+        pending = None
+        profile.after(step)
+      if saves:
         t_s = time.perf_counter()
         ckpt.save(step, state, it.get_state(), wait=preempted)
         timing["save_s"] += time.perf_counter() - t_s
         last_saved = step
       if preempted:
         preemption.exit("training", step)
-      if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+      if evals:
         writer.write(step, evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches))
-      t_prev = time.perf_counter()
+      if saves or evals:
+        t_prev[0] = time.perf_counter()  # the next step's time leaves out the save and the eval
     if last_saved != step:
       ckpt.save(step, state, it.get_state())
     ckpt.wait()
@@ -201,6 +259,7 @@ def _train(cfg: config_lib.Config, trainer: Trainer) -> dict[str, Any]:
         json.dump(result, f, indent=2)
     return result
   finally:
+    profile.close()
     pbar.close()
     preemption.restore()
     writer.close()

@@ -169,7 +169,7 @@ def _take_rows(rows: tuple, S_new: tuple, S_old: tuple) -> tuple:
 
 
 def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_BL=None, segment_ids_BL=None,
-                tol: float = 0.0, start: int = 0, S_start: tuple | None = None):
+                tol: float = 0.0, start: int = 0, S_start: tuple | None = None, features: bool = False):
   """One chunk of Algorithm 1 from the decoder state before it.
 
   start = 0: h is the chunk's embeddings; pass 1 runs the whole stack (its logits are the
@@ -179,7 +179,8 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
   began with. Every pass starts from the chunk's incoming KV and conv caches (sleep never
   rewrites the KV cache; only S changes); layers before lo keep their single run, layers
   after hi run once more, from their incoming S, on the last pass's features.
-  Returns (logits or None, new state, passes_B, pass 1's output of layer hi - 1).
+  Returns (logits or None, new state, passes_B, pass 1's output of layer hi - 1); with
+  features, the head's input final_norm(h) [B, L, D] in place of the logits.
   """
   sc, mc = cfg.sleep, cfg.model
   n = model.n_layers
@@ -195,17 +196,18 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
     return one
 
   S_in = get_S(layers_in)
+  head = model.final_norm if features else model.head
   logits = None
   if start == 0 and (lo, hi) == (0, n):
     S, n_B, h1, rest1, _ = run_passes(pass_fn(0, n), h_BLD, S_in, active_B, passes=sc.passes,
                                        truncate=sc.truncate_passes, tol=tol, keep_kv=True, remat=mc.remat)
-    logits, h_mid = model.head(h1), h1
+    logits, h_mid = head(h1), h1
   else:
     if start == 0:  # pass 1, the whole stack, in three parts
       h_lo, layers = model.run_layers(h_BLD, layers_in, ctx, 0, lo)
       h_mid, layers = model.run_layers(h_lo, layers, ctx, lo, hi)
       h_out, layers = model.run_layers(h_mid, layers, ctx, hi, n)
-      logits, rest1, S1 = model.head(h_out), strip_S(layers), get_S(layers)
+      logits, rest1, S1 = head(h_out), strip_S(layers), get_S(layers)
       S_start = S_in
     else:  # wake decoding ran pass 1: h is its output of layer hi - 1, state its S
       h_mid, rest1, S1 = h_BLD, strip_S(layers_in), S_in
@@ -234,8 +236,10 @@ def consolidation_schedule(mask_CBL: jax.Array, schedule: str) -> jax.Array:
 def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
                   consolidate_BC: jax.Array | None = None, return_passes: bool = False,
-                  adaptive: bool | None = None) -> Any:
+                  adaptive: bool | None = None, features: bool = False) -> Any:
   """Algorithm 1: logits [B, T, V] float32 (and passes used [B, n_chunks] if return_passes).
+  features: pass 1's head input final_norm(h) [B, T, D] instead of its logits (for the
+  chunked losses, ops/chunked_ce.py, with `model.head_weight()`).
 
   Which chunks consolidate is data: consolidate_BC (bool [B, n_chunks]) when given, else
   cfg.sleep.schedule: "masked" (a chunk whose targets are all masked) or "every_chunk".
@@ -267,7 +271,7 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
     tokens_BL, active_B, pos_BL, seg_BL = xs
     m = nnx.merge(graphdef, params)
     logits, state, n_B, _ = sleep_chunk(m, state, m.embed_tokens(tokens_BL), active_B, cfg, positions_BL=pos_BL,
-                                        segment_ids_BL=seg_BL, tol=tol)
+                                        segment_ids_BL=seg_BL, tol=tol, features=features)
     return state, (logits, n_B)
 
   if mc.remat:

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.models import forward, model_factory, roles
+from sleep_jax.ops.chunked_ce import chunked_cross_entropy
 from sleep_jax.xla_options import step_compiler_options
 
 
@@ -70,8 +71,35 @@ def cast_params(params, dtype: str):
 def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:
   """Masked cross-entropy sums and exact-match per example (float32 softmax)."""
   ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+  return stats_from_ce(ce_BT, jnp.argmax(logits_BTV, -1) == targets_BT, mask_BT)
+
+
+def chunked_token_stats(model, x_BTD: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
+                        chunk: int) -> dict[str, jax.Array]:
+  """token_stats from the head's input (`forward(..., features=True)`), the logits computed
+  `chunk` positions at a time (ops/chunked_ce.py): equal to token_stats up to rounding."""
+  w, tied = model.head_weight()
+  ce_BT, correct_BT = chunked_cross_entropy(x_BTD, w, targets_BT, tied=tied, chunk=chunk)
+  return stats_from_ce(ce_BT, correct_BT, mask_BT)
+
+
+AUTO_CHUNK_VOCAB = 32768  # train.loss_chunk = -1 chunks the loss from this vocabulary size on
+
+
+def loss_chunk_for(cfg: Config) -> int:
+  """Positions per chunk of the loss (0: plain), train.loss_chunk resolved: -1 chunks large
+  vocabularies with about 2^24 logits (64 MiB of float32) per chunk and row."""
+  chunk, V = cfg.train.loss_chunk, cfg.model.vocab_size
+  if chunk >= 0:
+    return chunk
+  if V < AUTO_CHUNK_VOCAB:
+    return 0
+  return max(32, 1 << ((1 << 24) // V).bit_length() - 1)
+
+
+def stats_from_ce(ce_BT: jax.Array, hit_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:
   mask = mask_BT.astype(jnp.float32)
-  correct_BT = (jnp.argmax(logits_BTV, -1) == targets_BT).astype(jnp.float32) * mask
+  correct_BT = hit_BT.astype(jnp.float32) * mask
   n_answer_B = mask.sum(-1)
   return {
       "loss_sum": (ce_BT * mask).sum(),
@@ -177,9 +205,11 @@ class Trainer:
 
   def _stats(self, params, batch, cfg: Config | None = None, training: bool = True):
     inputs, targets, mask = split_batch(batch)
-    logits, passes_B = forward(self.model(params, cfg), inputs, mask, cfg or self.cfg, training=training,
-                               **segment_inputs(batch))
-    stats = token_stats(logits, targets, mask)
+    model, chunk = self.model(params, cfg), loss_chunk_for(cfg or self.cfg)
+    out, passes_B = forward(model, inputs, mask, cfg or self.cfg, training=training, features=chunk > 0,
+                            **segment_inputs(batch))
+    # chunk > 0: `out` is the head's input and no [B, T, V] float32 logits exist (chunked_ce.py)
+    stats = chunked_token_stats(model, out, targets, mask, chunk) if chunk > 0 else token_stats(out, targets, mask)
     if passes_B is not None:
       stats["passes_B"] = passes_B.astype(jnp.float32)
     return stats

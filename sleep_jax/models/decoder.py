@@ -39,6 +39,7 @@ from sleep_jax.models.cms import CMSLevel
 from sleep_jax.models.gdn import GatedDeltaNet, gdn_dims
 from sleep_jax.models.layers import MLP, RMSNorm, param, short_conv
 from sleep_jax.models.roles import tag
+from sleep_jax.ops.chunked_ce import project
 
 MIXERS = ("attn", "attn:none", "attn:hard", "attn:sliding", "gdn")
 
@@ -208,10 +209,15 @@ class Decoder(nnx.Module):
     return jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(self.cfg.compute_dtype))
 
   def head(self, h_BTD: jax.Array) -> jax.Array:
-    x = self.final_norm(h_BTD)
+    return project(self.final_norm(h_BTD), *self.head_weight())
+
+  def head_weight(self) -> tuple[jax.Array, bool]:
+    """(W, tied): what the head multiplies the final-normed features by -- the tied
+    embedding [V, D] or the unembedding [D, V]. The chunked losses (ops/chunked_ce.py) take
+    it with `model(..., features=True)` instead of the logits."""
     if self.unembed is None:
-      return jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype)).astype(jnp.float32)
-    return jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(x.dtype)).astype(jnp.float32)
+      return self.embed[...], True
+    return self.unembed[...], False
 
   # -- the stack -------------------------------------------------------------------------------
   def context(self, T: int, B: int, positions_BT, segment_ids_BT, state) -> dict:
@@ -323,9 +329,11 @@ class Decoder(nnx.Module):
     return h
 
   def __call__(self, inputs, positions_BT=None, segment_ids_BT=None, state=None, *,
-               layers: tuple[int, int] | None = None):
+               layers: tuple[int, int] | None = None, features: bool = False):
     """(outputs, state): see the module docstring. layers = (lo, hi) runs only that range
-    (features in and out unless it starts at 0 / ends at the last layer)."""
+    (features in and out unless it starts at 0 / ends at the last layer). features: a call
+    that ends at the last layer returns the head's input, final_norm(h) [B, T, D], instead
+    of the logits (see `head_weight`)."""
     lo, hi = layers if layers is not None else (0, self.n_layers)
     h = self.embed_tokens(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) else inputs
     B, T = h.shape[:2]
@@ -333,4 +341,6 @@ class Decoder(nnx.Module):
     per_layer = state["layers"] if state is not None else self.fresh_layers(B)
     h, per_layer = self.run_layers(h, per_layer, ctx, lo, hi)
     new_state = {"t": ctx["idx"][-1] + 1, "seg": ctx["seg"][:, -1], "layers": per_layer}
-    return (self.head(h) if hi == self.n_layers else h), new_state
+    if hi == self.n_layers:
+      h = self.final_norm(h) if features else self.head(h)
+    return h, new_state

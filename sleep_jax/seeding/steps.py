@@ -29,12 +29,32 @@ from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN
 from sleep_jax.generate import sample_tokens
 from sleep_jax.models import roles
+from sleep_jax.ops import chunked_ce
 from sleep_jax.seeding import distill, imitate
+from sleep_jax.train import loss_chunk_for
 
 
-def _logits_fn(model):
-  """tokens -> logits of a decoder (its state output dropped)."""
-  return lambda tokens_BT: model(tokens_BT)[0]
+# With chunk > 0 (train.loss_chunk of the student) the distillation and log-prob terms read a
+# decoder's head input and weight, (x_BTD, W, tied), and form the logits a chunk at a time
+# (ops/chunked_ce.py); with chunk 0 they read plain float32 logits [B, T, V].
+def _head_out(model, tokens_BT, chunk: int):
+  if chunk:
+    return (model(tokens_BT, features=True)[0], *model.head_weight())
+  return model(tokens_BT)[0]
+
+
+def _divergence(div, t_out, s_out, chunk: int):
+  if chunk:
+    return chunked_ce.chunked_divergence(div, t_out[0], t_out[1], s_out[0], s_out[1], tied_t=t_out[2],
+                                         tied_s=s_out[2], chunk=chunk)
+  return div(t_out, s_out)
+
+
+def _target_logp(out, targets_BT, chunk: int):
+  """log q(target_t | prefix) per position [B, T] (float32)."""
+  if chunk:
+    return -chunked_ce.chunked_cross_entropy(out[0], out[1], targets_BT, tied=out[2], chunk=chunk)[0]
+  return distill.sequence_log_probs(out, targets_BT)
 
 
 def train_labels(param_roles: dict, *, level: int, slot: int | None) -> Any:
@@ -76,9 +96,9 @@ def sft_step(graphdef, tx, state, batch):
   return _apply(tx, state, grads, {"loss": loss})
 
 
-def _teacher_lp(teacher, seq_BT, mask_BT):
+def _teacher_lp(teacher, seq_BT, mask_BT, chunk: int):
   """Mean teacher log-prob per masked target token, per row [B]."""
-  lp = distill.sequence_log_probs(teacher(seq_BT[:, :-1]), seq_BT[:, 1:])
+  lp = _target_logp(_head_out(teacher, seq_BT[:, :-1], chunk), seq_BT[:, 1:], chunk)
   m = mask_BT[:, 1:].astype(jnp.float32)
   return jnp.sum(lp * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
@@ -94,7 +114,8 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
   B, T = tokens.shape
   rng = jax.random.fold_in(state["rng"], state["step"])
   r_on, r_im, r_cut = jax.random.split(rng, 3)
-  teacher = _logits_fn(nnx.merge(t_graphdef, teacher_params))
+  chunk = loss_chunk_for(scfg)
+  teacher = functools.partial(_head_out, nnx.merge(t_graphdef, teacher_params), chunk=chunk)
   frozen = jax.lax.stop_gradient(state["params"])
   if gather is not None:
     frozen = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, gather), frozen)
@@ -111,26 +132,27 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
     cut = jnp.repeat(jax.random.randint(r_cut, (B // G,), PROMPT_LEN, T), G)  # prefix length, >= 1 to complete
     comp = sample(dreams, r_im, steps=0, prompt_len_B=cut)
     cmask = (jnp.arange(T)[None] >= cut[:, None]).astype(jnp.int32)
-    r_sem = imitate.judge_same(_teacher_lp(teacher, comp, cmask), _teacher_lp(teacher, dreams, cmask),
+    t_model = nnx.merge(t_graphdef, teacher_params)
+    r_sem = imitate.judge_same(_teacher_lp(t_model, comp, cmask, chunk), _teacher_lp(t_model, dreams, cmask, chunk),
                                sc.judge_margin)
     # Completed parts, left-aligned: position j of row b is token cut_b + j.
     idx = jnp.minimum(cut[:, None] + jnp.arange(T)[None], T - 1)
     rewards, r_abs = imitate.imitation_reward(jnp.take_along_axis(comp, idx, 1), jnp.take_along_axis(dreams, idx, 1),
                                               T - cut, z0=sc.z0, r_sem_B=r_sem, gamma=sc.gamma)
     adv = imitate.group_advantages(rewards.reshape(-1, G)).reshape(-1)
-    ref = _logits_fn(nnx.merge(s_graphdef, ref_params))
-    lp_ref = jax.lax.stop_gradient(distill.sequence_log_probs(ref(comp[:, :-1]), comp[:, 1:]))
+    ref = _head_out(nnx.merge(s_graphdef, ref_params), comp[:, :-1], chunk)
+    lp_ref = jax.lax.stop_gradient(_target_logp(ref, comp[:, 1:], chunk))
 
   def loss_fn(params):
-    student = _logits_fn(nnx.merge(s_graphdef, params))
-    m = {"distill_off": distill.masked_mean(div(t_off, student(tokens[:, :-1])), mask[:, 1:])}
+    student = functools.partial(_head_out, nnx.merge(s_graphdef, params), chunk=chunk)
+    m = {"distill_off": distill.masked_mean(_divergence(div, t_off, student(tokens[:, :-1]), chunk), mask[:, 1:])}
     d = m["distill_off"]
     if lam > 0:
-      m["distill_on"] = distill.masked_mean(div(t_on, student(y_on[:, :-1])), mask[:, 1:])
+      m["distill_on"] = distill.masked_mean(_divergence(div, t_on, student(y_on[:, :-1]), chunk), mask[:, 1:])
       d = (1.0 - lam) * d + lam * m["distill_on"]
     loss = d
     if alpha < 1:
-      lp = distill.sequence_log_probs(student(comp[:, :-1]), comp[:, 1:])
+      lp = _target_logp(student(comp[:, :-1]), comp[:, 1:], chunk)
       g, gs = imitate.grpo_loss(lp, jax.lax.stop_gradient(lp), lp_ref, adv, cmask[:, 1:], clip_eps=sc.clip_eps,
                                 kl_coef=sc.kl_coef)
       m.update(grpo_loss=g, reward=rewards.mean(), r_abs=r_abs.mean(), r_sem=r_sem.mean(), **gs)
