@@ -148,7 +148,7 @@ class TrainConfig:
   eval_batches: int = 4
   # Chunked loss (ops/chunked_ce.py): positions per chunk of the head's logits, so no float32
   # [B, T, V] is ever materialised; 0: the plain loss; -1: chunked iff vocab_size >= 32768,
-  # with chunks of about 2^24 / vocab_size positions (train.loss_chunk_for).
+  # with chunks of about 2^23 / vocab_size positions (train.loss_chunk_for).
   loss_chunk: int = -1
   # [start, stop]: a jax.profiler trace of steps start..stop into run_dir/profile ([]: off).
   profile_steps: list[int] = field(default_factory=list)
@@ -485,11 +485,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     merged = schema
     if path is not None:
       raw = read_yaml_mapping(path, "config")
+      _check_corpus_keys(raw)
       merged = OmegaConf.merge(merged, OmegaConf.create(raw))
     for item in overrides:
       if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
-      _check_corpus_keys(raw)
     if overrides:
       dots = OmegaConf.from_dotlist(list(overrides))
       _check_corpus_keys(OmegaConf.to_container(dots))

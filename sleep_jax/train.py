@@ -88,13 +88,19 @@ AUTO_CHUNK_VOCAB = 32768  # train.loss_chunk = -1 chunks the loss from this voca
 
 def loss_chunk_for(cfg: Config) -> int:
   """Positions per chunk of the loss (0: plain), train.loss_chunk resolved: -1 chunks large
-  vocabularies with about 2^24 logits (64 MiB of float32) per chunk and row."""
+  vocabularies with about 2^23 logits (32 MiB of float32) per chunk and row."""
   chunk, V = cfg.train.loss_chunk, cfg.model.vocab_size
   if chunk >= 0:
     return chunk
+  return auto_loss_chunk(V)
+
+
+def auto_loss_chunk(V: int) -> int:
+  """train.loss_chunk = -1 at vocabulary V: 0 below AUTO_CHUNK_VOCAB, else a power of two of
+  positions (>= 16) holding about 2^23 logits (32 at V = 151,936)."""
   if V < AUTO_CHUNK_VOCAB:
     return 0
-  return max(32, 1 << ((1 << 24) // V).bit_length() - 1)
+  return max(16, 1 << ((1 << 23) // V).bit_length() - 1)
 
 
 def stats_from_ce(ce_BT: jax.Array, hit_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:

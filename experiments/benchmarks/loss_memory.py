@@ -2,7 +2,7 @@
 plain float32 cross-entropy over full logits, in the same run.
 
   python experiments/benchmarks/loss_memory.py [--vocab 151936] [--seq 4096] [--d-model 1024]
-      [--chunk 64] [--dtype float32] [--untied] [--check-vocab 4096]
+      [--chunk N] [--dtype float32] [--untied] [--check-vocab 4096]
 
 The function measured is value_and_grad of the masked CE sum w.r.t. the final-normed features
 x [1, T, D] and the head weight (tied embedding [V, D] by default: Qwen3-0.6B's head,
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from sleep_jax.ops.chunked_ce import chunked_cross_entropy, project  # noqa: E402
+from sleep_jax.train import auto_loss_chunk  # noqa: E402
 
 
 def loss_fns(tied: bool, chunk: int):
@@ -74,12 +75,14 @@ def main(argv=None) -> dict:
   ap.add_argument("--vocab", type=int, default=151936)
   ap.add_argument("--seq", type=int, default=4096)
   ap.add_argument("--d-model", type=int, default=1024)
-  ap.add_argument("--chunk", type=int, default=64, help="positions per chunk (train.loss_chunk's auto value at V=151,936)")
+  ap.add_argument("--chunk", type=int, default=-1, help="positions per chunk (default: train.loss_chunk's auto value at --vocab)")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="features and head weight")
   ap.add_argument("--untied", action="store_true", help="an unembedding [D, V] instead of the tied embedding")
   ap.add_argument("--check-vocab", type=int, default=4096)
   a = ap.parse_args(argv)
   dtype, tied = jnp.dtype(a.dtype), not a.untied
+  if a.chunk < 0:
+    a.chunk = auto_loss_chunk(a.vocab) or 32
   fns = loss_fns(tied, a.chunk)
   args = shapes(a.seq, a.d_model, a.vocab, dtype, tied)
   mem = {name: memory(fn, args) for name, fn in fns.items()}
