@@ -25,8 +25,13 @@ from sleep_jax.config import load_config  # noqa: E402
 from sleep_jax.longctx import evaluate_long_context  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-POINTS = [("passes=1", 1, ""), ("passes=2", 2, ""), ("passes=4", 4, ""),
-          ("full-attention", 1, "full-attention"), ("hard-eviction", 1, "hard-eviction")]
+# (run dir under --root, N, label: "" for the sleeping model, else the baseline's name, variant)
+POINTS = [("passes=1", 1, "", ""), ("passes=2", 2, "", ""), ("passes=4", 4, "", ""),
+          ("full-attention", 1, "full-attention", ""), ("hard-eviction", 1, "hard-eviction", ""),
+          # what was tried after N = 4 lost to N = 1: the depth curriculum (the first 100 of the
+          # 300 steps at N = 1), trained by `sleep-jax train experiments/text_sleep.yaml
+          # sleep.passes=4 sleep.single_pass_steps=100 run_dir=<root>/passes=4-curriculum`
+          ("passes=4-curriculum", 4, "", "sleep.single_pass_steps=100")]
 
 
 def wall_s(run_dir: str) -> float:
@@ -42,20 +47,20 @@ def main() -> None:
   ap.add_argument("--batches", type=int, default=None)
   a = ap.parse_args()
   rows = []
-  for name, passes, label in POINTS:
+  for name, passes, label, variant in POINTS:
     run_dir = os.path.join(a.root, name)
     if not os.path.exists(os.path.join(run_dir, "config.yaml")):
       print(f"skip {name}: not trained ({run_dir})")
       continue
     cfg = load_config(os.path.join(run_dir, "config.yaml"), [f"run_dir={run_dir}"])
     r = evaluate_long_context(cfg, num_batches=a.batches, passkeys=a.passkeys)
-    rows.append({"passes": passes, "label": label, "ppl_after_eviction": r["ppl_after_eviction"],
+    rows.append({"passes": passes, "label": label, "variant": variant, "ppl_after_eviction": r["ppl_after_eviction"],
                  "passkey_accuracy": r["passkey_accuracy"], "eval_tokens": r["eval_tokens"], "steps": r["step"],
                  "wall_s": wall_s(run_dir), "ppl": r["ppl"], "after_eviction_tokens": r["after_eviction_tokens"],
                  "passkey": r["passkey"], "ppl_by_offset": r["ppl_by_offset"], "ppl_by_distance": r["ppl_by_distance"]})
     print(f"{name}: ppl {r['ppl']:.3f}  after eviction {r['ppl_after_eviction']:.3f}  passkey {r['passkey_accuracy']:.3f}")
   os.makedirs(RESULTS, exist_ok=True)
-  by = {(r["passes"], r["label"]): r for r in rows}
+  by = {(r["passes"], r["label"]): r for r in rows if not r["variant"]}
   summary = {}
   if (1, "") in by and (4, "") in by:
     one, four = by[1, ""]["ppl_after_eviction"], by[4, ""]["ppl_after_eviction"]
@@ -71,7 +76,7 @@ def main() -> None:
 
 
 def _name(r) -> str:
-  return r["label"] or f"sleep N={r['passes']}"
+  return r["label"] or f"sleep N={r['passes']}" + (f" ({r['variant']})" if r.get("variant") else "")
 
 
 def _write_md(rows, summary) -> None:
