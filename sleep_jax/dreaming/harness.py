@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sleep_jax import freeze
 from sleep_jax.config import Config
 from sleep_jax.data.facts import BOS, QUERY
 from sleep_jax.data.days import DayWorld
@@ -37,8 +38,7 @@ METHODS = ("base", "finetune", "dream", "sleep")
 
 def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: float, steps: int, batch: int = 0):
   """`steps` Adam steps of SFT as one lax.scan (one compile for every day). Only leaves with
-  trainable = 1 move: their gradients are masked before Adam, so the others get exactly zero
-  updates and stay bit-identical.
+  trainable = 1 move (freeze.masked): the others stay bit-identical.
 
   batch = 0 trains on every row each step. Otherwise each step draws `batch` rows with
   replacement, each with probability proportional to its loss weight (the row's mask sum, so
@@ -46,7 +46,7 @@ def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: f
   longer grows with its number of texts (rotations x (dreams + replay)).
   """
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  tx = freeze.masked(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule)), trainable)
   row_w = jnp.sum(mask_BT[:, 1:].astype(jnp.float32), -1)
   rows_p = row_w / jnp.maximum(jnp.sum(row_w), 1e-9)
 
@@ -56,10 +56,7 @@ def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: f
     if batch:
       idx = jax.random.choice(key, tokens_BT.shape[0], (batch,), p=rows_p)
       t, m = t[idx], (m[idx] > 0).astype(m.dtype)
-    g = jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m)
-    g = jax.tree.map(lambda x, t: x * t, g, trainable)
-    upd, opt = tx.update(g, opt, p)
-    upd = jax.tree.map(lambda u, t: jnp.where(t > 0, u, 0.0), upd, trainable)
+    upd, opt = tx.update(jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m), opt, p)
     return (optax.apply_updates(p, upd), opt), None
 
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, steps)
@@ -167,8 +164,8 @@ class Dreamer:
     slow = roles.cms_levels(self.roles) - 1
     slot = expand.next_free_slot(jax.device_get(params), self.roles, slow)
     params = expand.set_expert(params, self.roles, slow, slot, active=True)
-    labels = seed_steps.train_labels(self.roles, level=slow, slot=slot)
-    trainable = jax.tree.map(lambda lab: jnp.float32(lab == "train"), labels)
+    # An array mask (not a static one): one compiled write serves every day's new slot.
+    trainable = jax.tree.map(jnp.float32, seed_steps.trainable(self.roles, level=slow, slot=slot))
     return self.sft_expert(params, tokens, mask, trainable, jax.random.fold_in(rng, 1))
 
   def reading_rows(self, params, day: int, closed_BT) -> tuple[jax.Array, jax.Array]:

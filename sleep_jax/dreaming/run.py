@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed, preflight, run_lock
+from sleep_jax import distributed, engine, preflight, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -28,8 +28,7 @@ from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.dreaming import report
 from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
 from sleep_jax.loop import check_saved_config, write_config
-from sleep_jax.seeding.pipeline import to_global
-from sleep_jax.seeding.stage import run_stage
+from sleep_jax.seeding.pipeline import stage, to_global
 from sleep_jax.train import Trainer
 
 log = logging.getLogger("sleep_jax")
@@ -55,9 +54,9 @@ def _check(cfg: Config) -> DayWorld:
 def pretrain(cfg: Config, world: DayWorld, trainer: Trainer):
   B = cfg.train.batch_size
   batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(cfg.seed, i, B))), trainer.mesh)
-  state = run_stage(os.path.join(cfg.run_dir, "base"), abstract_state=trainer.abstract_state, init=trainer.init_state,
-                    step=lambda s, i: trainer.train_step(s, batch(i)), steps=cfg.train.steps,
-                    every=cfg.checkpoint.every, log_every=cfg.train.log_every, desc="base: old facts + reading")
+  state = engine.run(stage(cfg, "base", abstract_state=trainer.abstract_state, init=trainer.init_state,
+                            step=trainer.train_step, batch=batch, steps=cfg.train.steps,
+                            desc="base: old facts + reading"))
   return state["params"]
 
 

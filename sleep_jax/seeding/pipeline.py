@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sleep_jax import engine, losses
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN, FactWorld
 from sleep_jax.generate import sample_tokens
 from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, steps
-from sleep_jax.seeding.stage import run_stage
 from sleep_jax.train import Trainer, optax_state_shardings
 
 log = logging.getLogger("sleep_jax")
@@ -72,6 +72,17 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return shd.global_batch({k: v[start:stop] for k, v in batch.items()}, mesh)
 
 
+def stage(cfg: Config, *where: str, abstract_state, init, step, batch, steps: int, desc: str,
+          **options) -> engine.Stage:
+  """A pipeline stage on the training engine, in RUN_DIR/<where>: `step(state, batch)` jitted,
+  `batch(i)` a pure function of the step (so a resumed stage needs nothing but the step),
+  checkpoints and logging as cfg.checkpoint and cfg.train.log_every say."""
+  return engine.Stage(dir=os.path.join(cfg.run_dir, *where), steps=steps, abstract_state=abstract_state, init=init,
+                      step_fn=lambda i: step, data=engine.step_batches(batch), every=cfg.checkpoint.every,
+                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                      log_every=cfg.train.log_every, desc=desc, **options)
+
+
 # -- evaluation ----------------------------------------------------------------------------
 def greedy_answers(m: ModelOnMesh, params, prompts: np.ndarray, steps_: int) -> np.ndarray:
   if steps_ not in m.samplers:  # one compiled greedy sampler per model and answer length
@@ -92,7 +103,7 @@ def divergence_to_teacher(t: ModelOnMesh, t_params, s: ModelOnMesh, s_params, wo
   t_logits = nnx.merge(t.graphdef, t_params)(seq[:, :-1])[0]
   s_logits = nnx.merge(s.graphdef, s_params)(seq[:, :-1])[0]
   mask = (jnp.arange(seq.shape[1] - 1) >= PROMPT_LEN - 1)[None].repeat(seq.shape[0], 0)
-  return float(distill.masked_mean(distill.token_divergence(t_logits, s_logits, "fkl"), mask))
+  return float(losses.masked_mean(distill.token_divergence(t_logits, s_logits, "fkl"), mask))
 
 
 def scores(m: ModelOnMesh, params, world: FactWorld) -> dict:
@@ -107,14 +118,12 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
   trainer = Trainer(cfg, mesh=t.mesh)
   B = cfg.train.batch_size
   old_batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.batch("old", cfg.seed, i, B))), t.mesh)
-  state = run_stage(os.path.join(cfg.run_dir, "teacher", "pretrain"), abstract_state=trainer.abstract_state,
-                    init=trainer.init_state, step=lambda s, i: trainer.train_step(s, old_batch(i)),
-                    steps=cfg.train.steps, every=cfg.checkpoint.every, log_every=cfg.train.log_every,
-                    desc="teacher: old facts")
+  state = engine.run(stage(cfg, "teacher", "pretrain", abstract_state=trainer.abstract_state, init=trainer.init_state,
+                            step=trainer.train_step, batch=old_batch, steps=cfg.train.steps, desc="teacher: old facts"))
   slot = expand.next_free_slot(jax.device_get(state["params"]), t.roles, FAST)
   params = expand.set_expert(state["params"], t.roles, FAST, slot, active=True)
   sc = cfg.seeding
-  tx = steps.masked_optimizer(steps.train_labels(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
+  tx = steps.masked_optimizer(steps.trainable(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
   shardings, abstract, make = t.train_state(tx, cfg.seed + 2)
 
   def mixed(i):  # new facts, with old ones replayed so the expert does not disturb them
@@ -124,9 +133,8 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
 
   step = jax.jit(functools.partial(steps.sft_step, t.graphdef, tx), in_shardings=(shardings, shd.batch_sharding(t.mesh)),
                  out_shardings=(shardings, t.rep), donate_argnums=(0,))
-  state = run_stage(os.path.join(cfg.run_dir, "teacher", "fast"), abstract_state=abstract, init=lambda: make(params),
-                    step=lambda s, i: step(s, mixed(i)), steps=sc.fast_steps, every=cfg.checkpoint.every,
-                    log_every=cfg.train.log_every, desc="teacher: new facts -> fast expert")
+  state = engine.run(stage(cfg, "teacher", "fast", abstract_state=abstract, init=lambda: make(params), step=step,
+                            batch=mixed, steps=sc.fast_steps, desc="teacher: new facts -> fast expert"))
   return state["params"]
 
 
