@@ -485,11 +485,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[st
     merged = schema
     if path is not None:
       raw = read_yaml_mapping(path, "config")
+      _check_corpus_keys(raw)
       merged = OmegaConf.merge(merged, OmegaConf.create(raw))
     for item in overrides:
       if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
-      _check_corpus_keys(raw)
     if overrides:
       dots = OmegaConf.from_dotlist(list(overrides))
       _check_corpus_keys(OmegaConf.to_container(dots))
