@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from sleep_jax import freeze, losses
+from sleep_jax import freeze, losses, rng_streams
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.models import forward, model_factory, roles
@@ -150,12 +150,12 @@ class Trainer:
       rep = self.state_shardings["step"]
       return {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params,
               "opt_state": jax.jit(self.tx.init, out_shardings=opt)(params),
-              "rng": jax.device_put(jax.random.PRNGKey(seed + 1), rep)}
+              "rng": jax.device_put(rng_streams.raw_key(seed, "train/state"), rep)}
 
     def init():
       params = nnx.to_pure_dict(nnx.split(self.make_model(nnx.Rngs(seed)))[1])
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
-              "rng": jax.random.PRNGKey(seed + 1)}
+              "rng": rng_streams.raw_key(seed, "train/state")}
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 

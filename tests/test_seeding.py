@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, subprocess_env
+from sleep_jax import rng_streams
 from sleep_jax import sharding as shd
 from sleep_jax.config import load_config
 from sleep_jax.models import model_factory, roles
@@ -141,7 +142,7 @@ def test_ks_step_trains_only_the_new_expert():
   sp = expand.set_expert(s.init(3), s.roles, 1, 0, active=True)
   train = steps.trainable(s.roles, level=1, slot=0)
   tx = steps.masked_optimizer(train, 1e-2, 10)
-  _, _, make = s.train_state(tx, 0)
+  _, _, make = s.train_state(tx, rng_streams.raw_key(0, "test"))
   state = make(sp)
   before = jax.device_get(state["params"])
   fn = jax.jit(lambda st, tp, rp, b: steps.ks_step(s.graphdef, t.graphdef, tx, cfg, scfg, {"lam": 0.5, "alpha": 0.5},

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed, engine, preflight, run_lock
+from sleep_jax import distributed, engine, preflight, rng_streams, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -52,7 +52,7 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
   else:
     train = steps.trainable(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
   tx = steps.masked_optimizer(train, sc.lr, sc.steps)
-  shardings, abstract, make = s.train_state(tx, cfg.seed + 7)
+  shardings, abstract, make = s.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/consolidate"))  # one stream for every method
   bsh = shd.batch_sharding(s.mesh)
   if spec["kind"] == "sft":
     fn = jax.jit(functools.partial(steps.sft_step, s.graphdef, tx), in_shardings=(shardings, bsh),
@@ -67,7 +67,7 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
     call = lambda state, batch: fn(state, teacher_on_s, student_params, batch)
 
   def batch(i):  # rows of D: a pure function of (seed, step)
-    idx = np.random.default_rng([cfg.seed, i, 13]).integers(0, len(D["tokens"]), sc.batch_size)
+    idx = rng_streams.numpy(cfg.seed, "seeding/consolidate/batches", i).integers(0, len(D["tokens"]), sc.batch_size)
     return to_global({k: v[idx] for k, v in D.items()}, s.mesh)
 
   def on_eval(state, _):
