@@ -53,7 +53,8 @@ def _check(cfg: Config) -> DayWorld:
 
 def pretrain(cfg: Config, world: DayWorld, trainer: Trainer):
   B = cfg.train.batch_size
-  batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(rng_streams.seed(cfg.seed, "dreaming/base"), i, B))), trainer.mesh)
+  seed = rng_streams.seed(cfg.seed, "dreaming/base")
+  batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(seed, i, B))), trainer.mesh)
   state = engine.run(stage(cfg, "base", abstract_state=trainer.abstract_state, init=trainer.init_state,
                             step=trainer.train_step, batch=batch, steps=cfg.train.steps,
                             desc="base: old facts + reading"))
@@ -83,7 +84,8 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   os.makedirs(mdir, exist_ok=True)
   seed = dream_seed(cfg, s)
   init = {"params": base_params,
-          "gen": lora_lib.init(base_params, dreamer.roles, rng_streams.key(seed, "dreaming/generator_lora"), cfg.dreaming.lora_rank)}
+          "gen": lora_lib.init(base_params, dreamer.roles, rng_streams.key(seed, "dreaming/generator_lora"),
+                               cfg.dreaming.lora_rank)}
   init["opt"] = dreamer.rest_tx.init(init["gen"])
   ck = Checkpointer(mdir, keep=1, async_save=False)
   restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))

@@ -119,7 +119,8 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
   """Pretrain on the old facts, then teach one fast-level expert the new facts."""
   trainer = Trainer(cfg, mesh=t.mesh)
   B = cfg.train.batch_size
-  old_batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.batch("old", rng_streams.seed(cfg.seed, "seeding/teacher/old_facts"), i, B))), t.mesh)
+  old = rng_streams.seed(cfg.seed, "seeding/teacher/old_facts")
+  old_batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.batch("old", old, i, B))), t.mesh)
   state = engine.run(stage(cfg, "teacher", "pretrain", abstract_state=trainer.abstract_state, init=trainer.init_state,
                             step=trainer.train_step, batch=old_batch, steps=cfg.train.steps, desc="teacher: old facts"))
   slot = expand.next_free_slot(jax.device_get(state["params"]), t.roles, FAST)
@@ -128,9 +129,11 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
   tx = steps.masked_optimizer(steps.trainable(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
   shardings, abstract, make = t.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/fast_expert"))
 
+  new, replay = (rng_streams.seed(cfg.seed, f"seeding/fast_expert/{n}") for n in ("new_facts", "replay"))
+
   def mixed(i):  # new facts, with old ones replayed so the expert does not disturb them
-    new_t, new_m = world.batch("new", rng_streams.seed(cfg.seed, "seeding/fast_expert/new_facts"), i, B - B // 2)
-    old_t, old_m = world.batch("old", rng_streams.seed(cfg.seed, "seeding/fast_expert/replay"), i, B // 2)
+    new_t, new_m = world.batch("new", new, i, B - B // 2)
+    old_t, old_m = world.batch("old", replay, i, B // 2)
     return to_global({"tokens": np.concatenate([new_t, old_t]), "loss_mask": np.concatenate([new_m, old_m])}, t.mesh)
 
   step = jax.jit(functools.partial(steps.sft_step, t.graphdef, tx), in_shardings=(shardings, shd.batch_sharding(t.mesh)),
@@ -167,8 +170,10 @@ def teacher_samples(cfg: Config, world: FactWorld, t: ModelOnMesh, teacher_param
       return {k: f[k] for k in f.files}
   sc = cfg.seeding
   facts = world.facts("all")
-  prompts = world.prompts(facts[rng_streams.numpy(cfg.seed, "seeding/teacher_samples/prompts").integers(0, len(facts), sc.samples)])
-  fn = jax.jit(lambda p, x: sample_tokens(t.graphdef, p, x, rng_streams.key(cfg.seed, "seeding/teacher_samples/answers"), cfg, steps=world.attr_len,
+  prompts = world.prompts(facts[rng_streams.numpy(cfg.seed, "seeding/teacher_samples/prompts").integers(
+      0, len(facts), sc.samples)])
+  key = rng_streams.key(cfg.seed, "seeding/teacher_samples/answers")
+  fn = jax.jit(lambda p, x: sample_tokens(t.graphdef, p, x, key, cfg, steps=world.attr_len,
                                           temperature=sc.sample_temperature))
   tokens = np.asarray(fn(jax.device_put(teacher_params, t.rep), jnp.asarray(prompts))).astype(np.int32)
   mask = np.zeros_like(tokens)

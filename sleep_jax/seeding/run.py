@@ -52,7 +52,8 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
   else:
     train = steps.trainable(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
   tx = steps.masked_optimizer(train, sc.lr, sc.steps)
-  shardings, abstract, make = s.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/consolidate"))  # one stream for every method
+  # One stream for every method: they differ by method, not by their random draws.
+  shardings, abstract, make = s.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/consolidate"))
   bsh = shd.batch_sharding(s.mesh)
   if spec["kind"] == "sft":
     fn = jax.jit(functools.partial(steps.sft_step, s.graphdef, tx), in_shardings=(shardings, bsh),
