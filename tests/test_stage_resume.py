@@ -43,16 +43,18 @@ def result(run_dir):
 
 def test_seeding_stage_killed_mid_stage_resumes_exactly(tmp_path):
   ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-  ref = subprocess.run(cmd(ref_dir), cwd=REPO, env=subprocess_env(2), capture_output=True, text=True, timeout=600)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  expected = rows(ref_dir)
-  assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
-
+  # The uninterrupted reference runs beside the run that gets killed (they share nothing).
+  ref = subprocess.Popen(cmd(ref_dir), cwd=REPO, env=subprocess_env(2), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
   proc = subprocess.Popen(cmd(run_dir), cwd=REPO, env=subprocess_env(2), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   wait_for(lambda: EVERY in saved(run_dir), proc, timeout=600)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  _, err = ref.communicate(timeout=600)
+  assert ref.returncode == 0, err[-3000:]
+  expected = rows(ref_dir)
+  assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
   killed_at = max(saved(run_dir))
   assert killed_at < STEPS, "the stage finished before the kill: nothing was resumed"
   assert not (run_dir / "methods" / "sft" / "eval.json").exists()
