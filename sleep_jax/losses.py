@@ -27,6 +27,12 @@ def masked_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
   return jnp.sum(x_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def masked_row_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+  """masked_mean of each row [B] (per-sequence token means: GRPO, a sequence's log-prob)."""
+  mask = mask_BT.astype(jnp.float32)
+  return jnp.sum(x_BT * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+
+
 def masked_ce(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
   return masked_mean(token_ce(logits_BTV, targets_BT), mask_BT)
 

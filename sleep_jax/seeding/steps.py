@@ -93,8 +93,7 @@ def sft_step(graphdef, tx, state, batch):
 def _teacher_lp(teacher, seq_BT, mask_BT, chunk: int):
   """Mean teacher log-prob per masked target token, per row [B]."""
   lp = _target_logp(_head_out(teacher, seq_BT[:, :-1], chunk), seq_BT[:, 1:], chunk)
-  m = mask_BT[:, 1:].astype(jnp.float32)
-  return jnp.sum(lp * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+  return losses.masked_row_mean(lp, mask_BT[:, 1:])
 
 
 def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, state, teacher_params, ref_params,
