@@ -163,15 +163,15 @@ class Run:
     self.timing = {"data_s": 0.0, "step_s": 0.0, "save_s": 0.0, "steps": 0}
     try:
       restored = self.ckpt.restore_latest(stage.abstract_state)
-    except BaseException:
+      if restored is None:
+        self.step, self.state, self.data_state = 0, stage.init(), None
+      else:
+        self.step, self.state, self.data_state = restored
+        if self.step < stage.steps:
+          log.info("%s: resumed from step %d", stage.desc, self.step)
+    except BaseException:  # nothing to run: the checkpointer's threads must not outlive it
       self.ckpt.close()
       raise
-    if restored is None:
-      self.step, self.state, self.data_state = 0, stage.init(), None
-    else:
-      self.step, self.state, self.data_state = restored
-      if self.step < stage.steps:
-        log.info("%s: resumed from step %d", stage.desc, self.step)
 
   @property
   def writer(self) -> MetricWriter:
