@@ -223,7 +223,7 @@ class Run:
       bad = {k: metrics[k] for k in FINITE_KEYS if k in metrics and not np.isfinite(metrics[k])}
       if bad:
         what = " or ".join(f"{k.replace('_', ' ')} ({metrics[k]})" for k in FINITE_KEYS if k in metrics)
-        raise NonFiniteLoss(f"non-finite {what} at step {n} ({st.desc}); stopped; the last good checkpoint "
+        raise NonFiniteLoss(f"non-finite {what} at step {n}; {st.desc} stopped; the last good checkpoint "
                             f"(step {last_saved[0]}) is kept in {ckpt.directory}")
       step_s = now - t_prev[0]
       timing["data_s"] += data_s
