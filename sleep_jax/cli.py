@@ -176,7 +176,7 @@ def _run(argv: list[str] | None) -> int:
   from sleep_jax.config import ConfigError
   from sleep_jax.data import DataError
   from sleep_jax.hf.safetensors_io import HFError
-  from sleep_jax.loop import NonFiniteLoss
+  from sleep_jax.engine import NonFiniteLoss
   from sleep_jax.tokenizer import TokenizerError
 
   try:

@@ -235,7 +235,7 @@ class DreamingConfig:
   finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step
   # Every method lives through the days once per dreaming seed (the base model is trained
   # once, with `seed`); results report the mean and spread over seeds. Seed s draws its
-  # dreams, selections and replay from `seed + 1000 * s` (s = 0 is the single-seed run).
+  # dreams, selections and replay from its own stream (rng_streams: "dreaming/seed<s>").
   seeds: int = 1
 
 

@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from sleep_jax import data as data_lib
+from sleep_jax import losses
 from sleep_jax.config import Config
 from sleep_jax.models import forward
 from sleep_jax.train import Trainer, segment_inputs, split_batch
@@ -44,7 +44,7 @@ def _nll_fn(trainer: Trainer):
   def nll(params, batch):
     inputs, targets, mask = split_batch(batch)
     logits, _ = forward(trainer.model(params), inputs, mask, cfg, training=False, **segment_inputs(batch))
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    ce_BT = losses.token_ce(logits, targets)
     return ce_BT, jnp.argmax(logits, -1) == targets
 
   return jax.jit(nll)

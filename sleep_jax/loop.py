@@ -1,4 +1,4 @@
-"""The training loop: resume, data, jitted steps, logging, eval, checkpoints, preemption.
+"""The training driver: config checks, the run lock, data, eval; the steps run on engine.py.
 
 `train(cfg)` is what `sleep-jax train` runs. Running it twice on the same run dir resumes
 from the newest readable checkpoint, with the data iterator and RNG where they were, so the
@@ -10,20 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any
 
 import jax
-import numpy as np
-from tqdm import tqdm
 
 from sleep_jax import config as config_lib
 from sleep_jax import data as data_lib
-from sleep_jax import distributed, exit_codes, preflight, run_lock, signals
+from sleep_jax import distributed, engine, preflight, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.evaluate import evaluate
-from sleep_jax.checkpoint import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, Checkpointer
-from sleep_jax.metrics import MetricWriter
 from sleep_jax.throughput import Throughput, peak_flops_per_device
 from sleep_jax.train import Trainer
 
@@ -37,20 +32,6 @@ RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_ev
                      "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods")
 
 
-class NonFiniteLoss(RuntimeError):
-  exit_code = NONFINITE_EXIT_CODE
-
-
-class Preempted(SystemExit):
-  def __init__(self):
-    super().__init__(PREEMPTED_EXIT_CODE)
-
-
-class Interrupted(SystemExit):
-  def __init__(self):
-    super().__init__(exit_codes.INTERRUPTED)
-
-
 def check_saved_config(cfg: config_lib.Config) -> None:
   """Refuse to resume a run dir whose saved config computes something else. (A start that
   fails its checks writes no config.yaml: see preflight.py.)"""
@@ -61,52 +42,6 @@ def check_saved_config(cfg: config_lib.Config) -> None:
   changed = [d for d in config_lib.diff(saved, cfg) if not d.startswith(RESUMABLE_CHANGES)]
   if changed:
     raise config_lib.ConfigError(f"run dir {cfg.run_dir} holds a run with a different config: {'; '.join(changed)}")
-
-
-def any_process(flag: bool) -> bool:
-  """True if `flag` is set on any process (a tiny allgather; multi-process runs only)."""
-  from jax.experimental import multihost_utils
-
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-
-
-class Preemption:
-  """A loop that saves at its step boundaries, from construction until `restore()`: SIGTERM
-  and SIGINT are then recorded (signals.py), not acted on. `requested()`, called once per
-  step on every process, is True on all of them as soon as any process got either, so that
-  they all save the same step; `exit()` then leaves with the signal's code (75 or 130)."""
-
-  def __init__(self):
-    self._own = not signals.installed()  # library use (no CLI): handlers only while the loop runs
-    if self._own:
-      signals.install()
-    signals.enter_saving()
-    self._term = self._int = self._restored = False
-
-  def requested(self) -> bool:
-    term, interrupt = signals.pending()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      term, interrupt = (bool(x) for x in np.any(multihost_utils.process_allgather(np.array([term, interrupt])), 0))
-    self._term, self._int = term, interrupt
-    return term or interrupt
-
-  def exit(self, what: str, step: int):
-    if self._term:
-      log.warning("SIGTERM: %s saved step %d; exiting with code %d", what, step, PREEMPTED_EXIT_CODE)
-      raise Preempted()
-    log.warning("interrupted: %s saved step %d; exiting with code %d (run the same command to resume)", what, step,
-                exit_codes.INTERRUPTED)
-    raise Interrupted()
-
-  def restore(self) -> None:
-    if self._restored:
-      return
-    self._restored = True
-    signals.leave_saving()
-    if self._own:
-      signals.uninstall()
 
 
 class Profile:
@@ -159,108 +94,32 @@ def train(cfg: config_lib.Config) -> dict[str, Any]:
 
 
 def _train(cfg: config_lib.Config, trainer: Trainer) -> dict[str, Any]:
-  ckpt = Checkpointer(cfg.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  restored = ckpt.restore_latest(trainer.abstract_state)
-  if restored is None:
-    step, state, data_state = 0, trainer.init_state(), None
-  else:
-    step, state, data_state = restored
-    log.info("resumed from step %d", step)
-  eval_path = os.path.join(cfg.run_dir, "eval.json")
-  if step >= cfg.train.steps and os.path.exists(eval_path):
-    ckpt.close()  # a finished run: report its final eval instead of logging it twice
-    with open(eval_path) as f:
-      return json.load(f)
   slot, slots = shd.process_slot(trainer.mesh, cfg.train.batch_size)
-  it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                    process_index=slot, process_count=slots, start_step=step)
-  if data_state is not None:
-    it.set_state(data_state)
-  writer = MetricWriter(cfg.run_dir, resume_step=step)
-  preemption = Preemption()
-  tokens_per_step = cfg.train.batch_size * (cfg.data.seq_len - 1)
-  pbar = tqdm(total=cfg.train.steps, initial=step, disable=jax.process_index() != 0, desc="train",
-              dynamic_ncols=True, mininterval=1.0)
-  last_saved = step
-  timing = {"data_s": 0.0, "step_s": 0.0, "save_s": 0.0, "steps": 0}
-  rates = Throughput(tokens_per_step, peak_flops_per_device(cfg.train.peak_flops_per_device))
-  profile = Profile(cfg)
-  pending = None  # the last dispatched step whose metrics the host has not read yet
-  t_prev = [0.0]
 
-  def report(done: tuple) -> None:
-    """Read one step's metrics to the host, stop on a non-finite loss, log them."""
-    n, metrics, data_s, flops = done
-    metrics = jax.device_get(metrics)
-    now = time.perf_counter()
-    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
-      raise NonFiniteLoss(f"non-finite loss ({metrics['loss']}) or grad norm ({metrics['grad_norm']}) at step "
-                          f"{n}; stopped; the last good checkpoint (step {last_saved}) is kept in {ckpt.directory}")
-    step_s = now - t_prev[0]
-    timing["data_s"] += data_s
-    timing["step_s"] += step_s
-    timing["steps"] += 1
-    if n % cfg.train.log_every == 0 or n == cfg.train.steps:
-      writer.write(n, {**{k: float(v) for k, v in metrics.items()}, **rates.row(step_s, flops),
-                       "data_wait_frac": data_s / max(step_s, 1e-9)})
-    pbar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-    pbar.update(1)
-    t_prev[0] = now
+  def data(start: int, saved: dict | None) -> engine.MeshBatches:
+    it = data_lib.make_train_iterator(cfg.data, global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                      process_index=slot, process_count=slots, start_step=start)
+    return engine.MeshBatches(it, trainer.mesh, saved)
 
-  try:
-    distributed.sync_before_first_collective()
-    t_prev[0] = time.perf_counter()
-    while step < cfg.train.steps:
-      profile.before(step + 1)
-      t0 = time.perf_counter()
-      local = next(it)
-      t1 = time.perf_counter()
-      step_fn = trainer.step_fn(step)
-      batch = shd.global_batch(local, trainer.mesh)
-      flops = rates.flops(step_fn, trainer.abstract_state, batch)
-      state, metrics = step_fn(state, batch)
-      step += 1
-      # Metrics are read one step late: the host pulls step s - 1's while step s runs, and
-      # blocks on the step it just dispatched only where that step's state is about to be
-      # saved or evaluated (its state is donated to the next step, so it must be checked
-      # finite first), at the last step and at the end of a profiled range.
-      if pending is not None:
-        report(pending)
-      pending = (step, metrics, t1 - t0, flops)
-      ckpt.check()  # a failed async save stops the run now, not at the end
-      preempted = preemption.requested()
-      evals = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps
-      saves = step % cfg.checkpoint.every == 0 or preempted
-      if saves or evals or step == cfg.train.steps or profile.stops_at(step):
-        report(pending)
-        pending = None
-        profile.after(step)
-      if saves:
-        t_s = time.perf_counter()
-        ckpt.save(step, state, it.get_state(), wait=preempted)
-        timing["save_s"] += time.perf_counter() - t_s
-        last_saved = step
-      if preempted:
-        preemption.exit("training", step)
-      if evals:
-        writer.write(step, evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches))
-      if saves or evals:
-        t_prev[0] = time.perf_counter()  # the next step's time leaves out the save and the eval
-    if last_saved != step:
-      ckpt.save(step, state, it.get_state())
-    ckpt.wait()
+  stage = engine.Stage(
+      dir=cfg.run_dir, steps=cfg.train.steps, abstract_state=trainer.abstract_state, init=trainer.init_state,
+      step_fn=trainer.step_fn, data=data, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+      async_save=cfg.checkpoint.async_save, log_every=cfg.train.log_every, eval_every=cfg.train.eval_every,
+      on_eval=lambda state, _: evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches),
+      desc="train", profile=Profile(cfg),
+      throughput=Throughput(cfg.train.batch_size * (cfg.data.seq_len - 1),
+                            peak_flops_per_device(cfg.train.peak_flops_per_device)))
+  eval_path = os.path.join(cfg.run_dir, "eval.json")
+  with engine.Run(stage) as run:
+    if run.step >= cfg.train.steps and os.path.exists(eval_path):
+      with open(eval_path) as f:  # a finished run: report its final eval instead of logging it twice
+        return json.load(f)
+    state = run.loop()
     # Everything is saved: from here a signal exits at once (a requeued run re-evaluates).
-    preemption.restore()
     result = evaluate(trainer, state["params"], num_batches=cfg.train.eval_batches)
-    writer.write(step, result)
-    result.update({"step": step, "timing": timing})
+    run.writer.write(run.step, result)
+    result.update({"step": run.step, "timing": run.timing})
     if jax.process_index() == 0:
-      with open(os.path.join(cfg.run_dir, "eval.json"), "w") as f:
+      with open(eval_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
-  finally:
-    profile.close()
-    pbar.close()
-    preemption.restore()
-    writer.close()
-    ckpt.close()

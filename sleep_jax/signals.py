@@ -1,7 +1,7 @@
 """SIGTERM and SIGINT, from the first line of `sleep-jax` to its exit.
 
 A signal is acted on at once unless a loop is running that can save: then it is only
-recorded, and the loop saves at its next step boundary and exits (`Preemption` in loop.py).
+recorded, and the loop saves at its next step boundary and exits (`Preemption` in engine.py).
 
   SIGTERM, nothing to save (imports, dataset build, restore, final eval)   exit 75 at once
   SIGTERM inside a loop                        save at the step boundary, exit 75

@@ -368,7 +368,7 @@ def run_all(sweep: Sweep) -> list[dict]:
   import jax
   from tqdm import tqdm
 
-  from sleep_jax.loop import NonFiniteLoss
+  from sleep_jax.engine import NonFiniteLoss
 
   check_data(sweep, list(range(len(sweep.points))))
   diverged = []

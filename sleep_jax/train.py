@@ -16,10 +16,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sleep_jax import freeze, losses, rng_streams
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.models import forward, model_factory, roles
-from sleep_jax.ops.chunked_ce import chunked_cross_entropy
 from sleep_jax.xla_options import step_compiler_options
 
 
@@ -68,21 +68,6 @@ def cast_params(params, dtype: str):
   return jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), params)
 
 
-def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:
-  """Masked cross-entropy sums and exact-match per example (float32 softmax)."""
-  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
-  return stats_from_ce(ce_BT, jnp.argmax(logits_BTV, -1) == targets_BT, mask_BT)
-
-
-def chunked_token_stats(model, x_BTD: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array,
-                        chunk: int) -> dict[str, jax.Array]:
-  """token_stats from the head's input (`forward(..., features=True)`), the logits computed
-  `chunk` positions at a time (ops/chunked_ce.py): equal to token_stats up to rounding."""
-  w, tied = model.head_weight()
-  ce_BT, correct_BT = chunked_cross_entropy(x_BTD, w, targets_BT, tied=tied, chunk=chunk)
-  return stats_from_ce(ce_BT, correct_BT, mask_BT)
-
-
 AUTO_CHUNK_VOCAB = 32768  # train.loss_chunk = -1 chunks the loss from this vocabulary size on
 
 
@@ -103,21 +88,8 @@ def auto_loss_chunk(V: int) -> int:
   return max(16, 1 << ((1 << 23) // V).bit_length() - 1)
 
 
-def stats_from_ce(ce_BT: jax.Array, hit_BT: jax.Array, mask_BT: jax.Array) -> dict[str, jax.Array]:
-  mask = mask_BT.astype(jnp.float32)
-  correct_BT = hit_BT.astype(jnp.float32) * mask
-  n_answer_B = mask.sum(-1)
-  return {
-      "loss_sum": (ce_BT * mask).sum(),
-      "tokens": mask.sum(),
-      "correct_tokens": correct_BT.sum(),
-      "exact_B": (correct_BT.sum(-1) == n_answer_B) & (n_answer_B > 0),
-  }
-
-
 def split_batch(batch: dict[str, jax.Array]):
-  tokens = batch["tokens"]
-  return tokens[:, :-1], tokens[:, 1:], batch["loss_mask"][:, 1:]
+  return losses.next_token(batch["tokens"], batch["loss_mask"])
 
 
 def segment_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -154,21 +126,22 @@ class Trainer:
     jit_step = lambda fn: jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, rep), donate_argnums=(0,),
                                   compiler_options=opts)
-    self.train_step = jit_step(functools.partial(self._train_step, cfg=cfg, update_mask=None))
+    self.train_step = jit_step(functools.partial(self._train_step, cfg=cfg, tx=self.tx))
     # Sliding-window recipe (paper A): first train only the GDN layers under hard eviction.
     self.warmup_steps = cfg.sleep.warmup_gdn_steps if cfg.model.kind == "hybrid" else 0
     if self.warmup_steps:
       from sleep_jax.sleep import gdn_only_mask
 
       hard = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eviction="hard"))
+      # The same optimizer state throughout: freeze.masked keeps tx's state for every parameter.
       self.warmup_step = jit_step(functools.partial(
-          self._train_step, cfg=hard, update_mask=gdn_only_mask(roles.roles_for(cfg))))
+          self._train_step, cfg=hard, tx=freeze.masked(self.tx, gdn_only_mask(roles.roles_for(cfg)))))
     # Depth curriculum: the first single_pass_steps steps train at N = 1 (the fast weights
     # learn to store and be read before extra passes have anything to refine), then at N.
     self.single_pass_steps = cfg.sleep.single_pass_steps if cfg.model.kind == "hybrid" and cfg.sleep.passes > 1 else 0
     if self.single_pass_steps:
       one = dataclasses.replace(cfg, sleep=dataclasses.replace(cfg.sleep, passes=1))
-      self.single_pass_step = jit_step(functools.partial(self._train_step, cfg=one, update_mask=None))
+      self.single_pass_step = jit_step(functools.partial(self._train_step, cfg=one, tx=self.tx))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
                              out_shardings=rep, compiler_options=opts)
 
@@ -183,12 +156,12 @@ class Trainer:
       rep = self.state_shardings["step"]
       return {"step": jax.device_put(jnp.zeros((), jnp.int32), rep), "params": params,
               "opt_state": jax.jit(self.tx.init, out_shardings=opt)(params),
-              "rng": jax.device_put(jax.random.PRNGKey(seed + 1), rep)}
+              "rng": jax.device_put(rng_streams.raw_key(seed, "train/state"), rep)}
 
     def init():
       params = nnx.to_pure_dict(nnx.split(self.make_model(nnx.Rngs(seed)))[1])
       return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
-              "rng": jax.random.PRNGKey(seed + 1)}
+              "rng": rng_streams.raw_key(seed, "train/state")}
 
     return jax.jit(init, out_shardings=self.state_shardings)()
 
@@ -215,12 +188,13 @@ class Trainer:
     out, passes_B = forward(model, inputs, mask, cfg or self.cfg, training=training, features=chunk > 0,
                             **segment_inputs(batch))
     # chunk > 0: `out` is the head's input and no [B, T, V] float32 logits exist (chunked_ce.py)
-    stats = chunked_token_stats(model, out, targets, mask, chunk) if chunk > 0 else token_stats(out, targets, mask)
+    stats = (losses.chunked_token_stats(model, out, targets, mask, chunk) if chunk > 0
+             else losses.token_stats(out, targets, mask))
     if passes_B is not None:
       stats["passes_B"] = passes_B.astype(jnp.float32)
     return stats
 
-  def _train_step(self, state, batch, *, cfg: Config, update_mask):
+  def _train_step(self, state, batch, *, cfg: Config, tx: optax.GradientTransformation):
     accum = cfg.train.grad_accum
 
     def loss_sum(params, micro):
@@ -245,9 +219,7 @@ class Trainer:
       (grads, stats), _ = jax.lax.scan(body, (zero_g, zero_s), micro)
     n = jnp.maximum(stats["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / n, grads)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    if update_mask is not None:  # frozen parameters stay bit-identical (no decay either)
-      updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, update_mask)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": stats["loss_sum"] / n, "grad_norm": optax.tree.norm(grads),
                "lr": self.schedule(state["step"]), "answer_tokens": stats["tokens"],

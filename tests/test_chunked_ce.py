@@ -14,6 +14,7 @@ from conftest import TINY
 from flax import nnx
 
 from sleep_jax import data as data_lib
+from sleep_jax import losses
 from sleep_jax import sharding as shd
 from sleep_jax.config import load_config
 from sleep_jax.models import model_factory
@@ -73,11 +74,11 @@ def test_divergence_equals_plain_values_and_grads(kind, small_blocks):
   div = functools.partial(distill.token_divergence, kind=kind, beta=0.3, temperature=1.5)
 
   def plain(x_s, w_s):
-    return distill.masked_mean(div(_plain_logits(x_t, w_t, True), _plain_logits(x_s, w_s, False)), mask)
+    return losses.masked_mean(div(_plain_logits(x_t, w_t, True), _plain_logits(x_s, w_s, False)), mask)
 
   def chunked(x_s, w_s):
     d = chunked_ce.chunked_divergence(div, x_t, w_t, x_s, w_s, tied_t=True, tied_s=False, chunk=5)
-    return distill.masked_mean(d, mask)
+    return losses.masked_mean(d, mask)
 
   want, g_p = jax.value_and_grad(plain, (0, 1))(x_s, w_s)
   got, g_c = jax.jit(jax.value_and_grad(chunked, (0, 1)))(x_s, w_s)

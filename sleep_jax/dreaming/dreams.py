@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sleep_jax import losses
 from sleep_jax.data.facts import BOS
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.generate import sample_tokens
@@ -95,10 +96,7 @@ def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *
 
 
 def sft_loss(graphdef, params, tokens_BT, mask_BT) -> jax.Array:
-  logits = nnx.merge(graphdef, params)(tokens_BT[:, :-1])[0]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens_BT[:, 1:])
-  m = mask_BT[:, 1:].astype(jnp.float32)
-  return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+  return losses.next_token_loss(nnx.merge(graphdef, params), tokens_BT, mask_BT)
 
 
 def importance(graphdef, params, tokens_MT, mask_MT) -> jax.Array:
@@ -121,8 +119,7 @@ def probe_scores(graphdef, params, probes_FT, mask_FT) -> tuple[jax.Array, jax.A
   logits = nnx.merge(graphdef, params)(probes_FT[:, :-1])[0]
   m = mask_FT[:, 1:]
   ok = (jnp.argmax(logits, -1) == probes_FT[:, 1:]) | (m == 0)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), probes_FT[:, 1:])
-  return jnp.mean(jnp.all(ok, -1).astype(jnp.float32)), jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1)
+  return jnp.mean(jnp.all(ok, -1).astype(jnp.float32)), losses.masked_ce(logits, probes_FT[:, 1:], m)
 
 
 def train_copy(graphdef, params, adapter, tokens_T, mask_T, *, steps: int, lr: float, alpha: float):

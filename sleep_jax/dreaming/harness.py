@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sleep_jax import freeze, rng_streams
 from sleep_jax.config import Config
 from sleep_jax.data.facts import BOS, QUERY
 from sleep_jax.data.days import DayWorld
@@ -37,8 +38,7 @@ METHODS = ("base", "finetune", "dream", "sleep")
 
 def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: float, steps: int, batch: int = 0):
   """`steps` Adam steps of SFT as one lax.scan (one compile for every day). Only leaves with
-  trainable = 1 move: their gradients are masked before Adam, so the others get exactly zero
-  updates and stay bit-identical.
+  trainable = 1 move (freeze.masked): the others stay bit-identical.
 
   batch = 0 trains on every row each step. Otherwise each step draws `batch` rows with
   replacement, each with probability proportional to its loss weight (the row's mask sum, so
@@ -46,7 +46,7 @@ def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: f
   longer grows with its number of texts (rotations x (dreams + replay)).
   """
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+  tx = freeze.masked(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule)), trainable)
   row_w = jnp.sum(mask_BT[:, 1:].astype(jnp.float32), -1)
   rows_p = row_w / jnp.maximum(jnp.sum(row_w), 1e-9)
 
@@ -56,10 +56,7 @@ def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: f
     if batch:
       idx = jax.random.choice(key, tokens_BT.shape[0], (batch,), p=rows_p)
       t, m = t[idx], (m[idx] > 0).astype(m.dtype)
-    g = jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m)
-    g = jax.tree.map(lambda x, t: x * t, g, trainable)
-    upd, opt = tx.update(g, opt, p)
-    upd = jax.tree.map(lambda u, t: jnp.where(t > 0, u, 0.0), upd, trainable)
+    upd, opt = tx.update(jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m), opt, p)
     return (optax.apply_updates(p, upd), opt), None
 
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, steps)
@@ -167,9 +164,9 @@ class Dreamer:
     slow = roles.cms_levels(self.roles) - 1
     slot = expand.next_free_slot(jax.device_get(params), self.roles, slow)
     params = expand.set_expert(params, self.roles, slow, slot, active=True)
-    labels = seed_steps.train_labels(self.roles, level=slow, slot=slot)
-    trainable = jax.tree.map(lambda lab: jnp.float32(lab == "train"), labels)
-    return self.sft_expert(params, tokens, mask, trainable, jax.random.fold_in(rng, 1))
+    # An array mask (not a static one): one compiled write serves every day's new slot.
+    trainable = jax.tree.map(jnp.float32, seed_steps.trainable(self.roles, level=slow, slot=slot))
+    return self.sft_expert(params, tokens, mask, trainable, rng_streams.fold(rng, "write/minibatches"))
 
   def reading_rows(self, params, day: int, closed_BT) -> tuple[jax.Array, jax.Array]:
     """The night's dreams back in context: day passage + dream [M, P + N], targets the
@@ -193,14 +190,14 @@ class Dreamer:
 def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int):
   """One day of `method`: returns (params, gen, opt, info)."""
   dc = dreamer.cfg.dreaming
-  rng = jax.random.fold_in(jax.random.key(seed), day)
-  np_rng = np.random.default_rng([seed, day, 23])
+  rng = jax.random.fold_in(rng_streams.key(seed, "dreaming/day"), day)
+  np_rng = rng_streams.numpy(seed, "dreaming/day/select", day)
   info: dict = {}
   if method == "finetune":
     params = dreamer.finetune(params, day)
   elif method == "dream":
     tokens, mask, _ = dreamer.dream(params, None, day, rng)
-    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), jax.random.fold_in(rng, 99), day)
+    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), rng_streams.fold(rng, "write"), day)
   elif method == "sleep":
     rewarded, night = [], []
     for r in range(dc.rounds + 1):  # the last pass only collects dreams, with no ReST step
@@ -211,17 +208,17 @@ def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int
     info["rewarded_dreams"] = rewarded
     # Unrewarded rows have weight 0: no loss (and never drawn by a minibatched write).
     tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
-    params = dreamer.write_expert(params, tokens, mask, weights, jax.random.fold_in(rng, 99), day)
+    params = dreamer.write_expert(params, tokens, mask, weights, rng_streams.fold(rng, "write"), day)
   return params, gen, opt, info
 
 
 def vmap_speedup(dreamer: Dreamer, params, day: int, seed: int) -> dict:
   """Wall time of the isolated copies: vmapped vs a sequential loop over the same dreams."""
-  tokens, mask, _ = dreamer.dream(params, None, day, jax.random.key(seed))
+  tokens, mask, _ = dreamer.dream(params, None, day, rng_streams.key(seed, "dreams"))
   keep = np.arange(min(tokens.shape[0], dreamer.cfg.dreaming.top_k + dreamer.cfg.dreaming.random_extra))
   t, m = tokens[keep], mask[keep]
   adapters = jax.vmap(lambda k: lora_lib.init(params, dreamer.roles, k, dreamer.cfg.dreaming.lora_rank))(
-      jax.random.split(jax.random.key(seed), len(keep)))
+      jax.random.split(rng_streams.key(seed, "copies"), len(keep)))
   one = lambda i: jax.tree.map(lambda a: a[i], adapters)
   jax.block_until_ready(dreamer.copies(params, adapters, t, m))  # compile both first
   jax.block_until_ready(dreamer.copy_one(params, one(0), t[0], m[0]))

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed, preflight, run_lock
+from sleep_jax import distributed, engine, preflight, rng_streams, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -28,8 +28,7 @@ from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.dreaming import report
 from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
 from sleep_jax.loop import check_saved_config, write_config
-from sleep_jax.seeding.pipeline import to_global
-from sleep_jax.seeding.stage import run_stage
+from sleep_jax.seeding.pipeline import stage, to_global
 from sleep_jax.train import Trainer
 
 log = logging.getLogger("sleep_jax")
@@ -54,10 +53,11 @@ def _check(cfg: Config) -> DayWorld:
 
 def pretrain(cfg: Config, world: DayWorld, trainer: Trainer):
   B = cfg.train.batch_size
-  batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(cfg.seed, i, B))), trainer.mesh)
-  state = run_stage(os.path.join(cfg.run_dir, "base"), abstract_state=trainer.abstract_state, init=trainer.init_state,
-                    step=lambda s, i: trainer.train_step(s, batch(i)), steps=cfg.train.steps,
-                    every=cfg.checkpoint.every, log_every=cfg.train.log_every, desc="base: old facts + reading")
+  seed = rng_streams.seed(cfg.seed, "dreaming/base")
+  batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.pretrain_batch(seed, i, B))), trainer.mesh)
+  state = engine.run(stage(cfg, "base", abstract_state=trainer.abstract_state, init=trainer.init_state,
+                            step=trainer.train_step, batch=batch, steps=cfg.train.steps,
+                            desc="base: old facts + reading"))
   return state["params"]
 
 
@@ -74,7 +74,8 @@ def summarize(R: np.ndarray, old: float) -> dict:
 
 
 def dream_seed(cfg: Config, s: int) -> int:
-  return cfg.seed + 1000 * s
+  """Dreaming seed s's own seed: every method lives through the days on the same draws."""
+  return rng_streams.seed(cfg.seed, f"dreaming/seed{s}")
 
 
 def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base_params, s: int = 0) -> dict:
@@ -83,7 +84,8 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   os.makedirs(mdir, exist_ok=True)
   seed = dream_seed(cfg, s)
   init = {"params": base_params,
-          "gen": lora_lib.init(base_params, dreamer.roles, jax.random.key(seed + 9), cfg.dreaming.lora_rank)}
+          "gen": lora_lib.init(base_params, dreamer.roles, rng_streams.key(seed, "dreaming/generator_lora"),
+                               cfg.dreaming.lora_rank)}
   init["opt"] = dreamer.rest_tx.init(init["gen"])
   ck = Checkpointer(mdir, keep=1, async_save=False)
   restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))
@@ -148,7 +150,7 @@ def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dic
     with open(speed_path) as f:
       speed = json.load(f)
   else:
-    speed = vmap_speedup(dreamer, base_params, 0, cfg.seed)
+    speed = vmap_speedup(dreamer, base_params, 0, rng_streams.seed(cfg.seed, "dreaming/vmap_speedup"))
     if jax.process_index() == 0:
       with open(speed_path, "w") as f:
         json.dump(speed, f, indent=2)

@@ -43,11 +43,6 @@ def token_divergence(teacher_logits_BTV, student_logits_BTV, kind: str, *, beta:
   raise ValueError(f"unknown divergence {kind!r} (fkl | rkl | jsd)")
 
 
-def masked_mean(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-  mask = mask_BT.astype(jnp.float32)
-  return jnp.sum(x_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def sequence_log_probs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
   """log q(target_t | prefix) per position [B, T] (float32)."""
   lp = log_probs(logits_BTV)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sleep_jax import losses
+
 
 def levenshtein(a_N: jax.Array, b_M: jax.Array, len_a: jax.Array, len_b: jax.Array) -> jax.Array:
   """Edit distance between a[:len_a] and b[:len_b] (insert, delete, substitute: cost 1).
@@ -67,13 +69,12 @@ def group_advantages(rewards_BG: jax.Array, eps: float = 1e-6) -> jax.Array:
 def grpo_loss(logp_BT, logp_old_BT, logp_ref_BT, adv_B, mask_BT, *, clip_eps: float, kl_coef: float):
   """(loss, stats): the clipped surrogate (to minimise) + kl_coef * k3 KL, token means per
   sequence, then the batch mean."""
-  mask = mask_BT.astype(jnp.float32)
   ratio = jnp.exp(logp_BT - logp_old_BT)
   adv = adv_B[:, None]
   surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
   log_r = logp_ref_BT - logp_BT
   kl = jnp.exp(log_r) - log_r - 1.0
-  per_seq = lambda x: jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+  per_seq = lambda x: losses.masked_row_mean(x, mask_BT)
   loss = jnp.mean(per_seq(-surrogate + kl_coef * kl))
   clipped = jnp.abs(ratio - 1.0) > clip_eps
   return loss, {"kl": jnp.mean(per_seq(kl)), "clip_frac": jnp.mean(per_seq(clipped.astype(jnp.float32)))}

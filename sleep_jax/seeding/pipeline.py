@@ -23,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sleep_jax import engine, losses, rng_streams
 from sleep_jax import sharding as shd
 from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN, FactWorld
 from sleep_jax.generate import sample_tokens
 from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, steps
-from sleep_jax.seeding.stage import run_stage
 from sleep_jax.train import Trainer, optax_state_shardings
 
 log = logging.getLogger("sleep_jax")
@@ -54,7 +54,9 @@ class ModelOnMesh:
   def init(self, seed: int):
     return shd.init_params(self.make, seed, self.shardings)
 
-  def train_state(self, tx, rng_seed: int):
+  def train_state(self, tx, rng):
+    """(shardings, abstract state, make(params) -> state) of a stage training params with tx;
+    rng: the state's uint32[2] key (rng_streams.raw_key)."""
     abstract_opt = jax.eval_shape(tx.init, self.abstract)
     shardings = {"step": self.rep, "params": self.shardings, "rng": self.rep,
                  "opt_state": optax_state_shardings(tx, abstract_opt, self.shardings, self.rep)}
@@ -62,7 +64,7 @@ class ModelOnMesh:
                             {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract,
                              "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}, shardings)
     make = lambda params: jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p),
-                                             "rng": jax.random.PRNGKey(rng_seed)}, out_shardings=shardings)(params)
+                                             "rng": rng}, out_shardings=shardings)(params)
     return shardings, abstract, make
 
 
@@ -70,6 +72,17 @@ def to_global(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """The same global numpy batch on every process -> this process's rows as global arrays."""
   start, stop = shd.local_batch_rows(mesh, len(next(iter(batch.values()))))
   return shd.global_batch({k: v[start:stop] for k, v in batch.items()}, mesh)
+
+
+def stage(cfg: Config, *where: str, abstract_state, init, step, batch, steps: int, desc: str,
+          **options) -> engine.Stage:
+  """A pipeline stage on the training engine, in RUN_DIR/<where>: `step(state, batch)` jitted,
+  `batch(i)` a pure function of the step (so a resumed stage needs nothing but the step),
+  checkpoints and logging as cfg.checkpoint and cfg.train.log_every say."""
+  return engine.Stage(dir=os.path.join(cfg.run_dir, *where), steps=steps, abstract_state=abstract_state, init=init,
+                      step_fn=lambda i: step, data=engine.step_batches(batch), every=cfg.checkpoint.every,
+                      keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                      log_every=cfg.train.log_every, desc=desc, **options)
 
 
 # -- evaluation ----------------------------------------------------------------------------
@@ -92,7 +105,7 @@ def divergence_to_teacher(t: ModelOnMesh, t_params, s: ModelOnMesh, s_params, wo
   t_logits = nnx.merge(t.graphdef, t_params)(seq[:, :-1])[0]
   s_logits = nnx.merge(s.graphdef, s_params)(seq[:, :-1])[0]
   mask = (jnp.arange(seq.shape[1] - 1) >= PROMPT_LEN - 1)[None].repeat(seq.shape[0], 0)
-  return float(distill.masked_mean(distill.token_divergence(t_logits, s_logits, "fkl"), mask))
+  return float(losses.masked_mean(distill.token_divergence(t_logits, s_logits, "fkl"), mask))
 
 
 def scores(m: ModelOnMesh, params, world: FactWorld) -> dict:
@@ -106,27 +119,27 @@ def train_teacher(cfg: Config, world: FactWorld, t: ModelOnMesh) -> dict:
   """Pretrain on the old facts, then teach one fast-level expert the new facts."""
   trainer = Trainer(cfg, mesh=t.mesh)
   B = cfg.train.batch_size
-  old_batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.batch("old", cfg.seed, i, B))), t.mesh)
-  state = run_stage(os.path.join(cfg.run_dir, "teacher", "pretrain"), abstract_state=trainer.abstract_state,
-                    init=trainer.init_state, step=lambda s, i: trainer.train_step(s, old_batch(i)),
-                    steps=cfg.train.steps, every=cfg.checkpoint.every, log_every=cfg.train.log_every,
-                    desc="teacher: old facts")
+  old = rng_streams.seed(cfg.seed, "seeding/teacher/old_facts")
+  old_batch = lambda i: to_global(dict(zip(("tokens", "loss_mask"), world.batch("old", old, i, B))), t.mesh)
+  state = engine.run(stage(cfg, "teacher", "pretrain", abstract_state=trainer.abstract_state, init=trainer.init_state,
+                            step=trainer.train_step, batch=old_batch, steps=cfg.train.steps, desc="teacher: old facts"))
   slot = expand.next_free_slot(jax.device_get(state["params"]), t.roles, FAST)
   params = expand.set_expert(state["params"], t.roles, FAST, slot, active=True)
   sc = cfg.seeding
-  tx = steps.masked_optimizer(steps.train_labels(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
-  shardings, abstract, make = t.train_state(tx, cfg.seed + 2)
+  tx = steps.masked_optimizer(steps.trainable(t.roles, level=FAST, slot=slot), sc.fast_lr, sc.fast_steps)
+  shardings, abstract, make = t.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/fast_expert"))
+
+  new, replay = (rng_streams.seed(cfg.seed, f"seeding/fast_expert/{n}") for n in ("new_facts", "replay"))
 
   def mixed(i):  # new facts, with old ones replayed so the expert does not disturb them
-    new_t, new_m = world.batch("new", cfg.seed + 1, i, B - B // 2)
-    old_t, old_m = world.batch("old", cfg.seed + 2, i, B // 2)
+    new_t, new_m = world.batch("new", new, i, B - B // 2)
+    old_t, old_m = world.batch("old", replay, i, B // 2)
     return to_global({"tokens": np.concatenate([new_t, old_t]), "loss_mask": np.concatenate([new_m, old_m])}, t.mesh)
 
   step = jax.jit(functools.partial(steps.sft_step, t.graphdef, tx), in_shardings=(shardings, shd.batch_sharding(t.mesh)),
                  out_shardings=(shardings, t.rep), donate_argnums=(0,))
-  state = run_stage(os.path.join(cfg.run_dir, "teacher", "fast"), abstract_state=abstract, init=lambda: make(params),
-                    step=lambda s, i: step(s, mixed(i)), steps=sc.fast_steps, every=cfg.checkpoint.every,
-                    log_every=cfg.train.log_every, desc="teacher: new facts -> fast expert")
+  state = engine.run(stage(cfg, "teacher", "fast", abstract_state=abstract, init=lambda: make(params), step=step,
+                            batch=mixed, steps=sc.fast_steps, desc="teacher: new facts -> fast expert"))
   return state["params"]
 
 
@@ -136,7 +149,7 @@ def expand_student(cfg: Config, t: ModelOnMesh, s: ModelOnMesh, teacher_params) 
   on_student_mesh = jax.device_put(teacher_params, t.on(s.mesh))
   grow = jax.jit(functools.partial(expand.grow_params, small_roles=t.roles, width=cfg.seeding.grow_width),
                  out_shardings=s.shardings)
-  grown = grow(on_student_mesh, big_init=s.init(cfg.seed + 3))
+  grown = grow(on_student_mesh, big_init=s.init(rng_streams.seed(cfg.seed, "seeding/student_init")))
   slow = len(cfg.model.cms.d_ff) - 1
   grown = expand.set_expert(grown, s.roles, slow, expand.next_free_slot(jax.device_get(grown), s.roles, slow), active=True)
   probe = jnp.asarray(_probe_tokens(cfg))
@@ -157,8 +170,10 @@ def teacher_samples(cfg: Config, world: FactWorld, t: ModelOnMesh, teacher_param
       return {k: f[k] for k in f.files}
   sc = cfg.seeding
   facts = world.facts("all")
-  prompts = world.prompts(facts[np.random.default_rng([cfg.seed, 5]).integers(0, len(facts), sc.samples)])
-  fn = jax.jit(lambda p, x: sample_tokens(t.graphdef, p, x, jax.random.key(cfg.seed + 5), cfg, steps=world.attr_len,
+  prompts = world.prompts(facts[rng_streams.numpy(cfg.seed, "seeding/teacher_samples/prompts").integers(
+      0, len(facts), sc.samples)])
+  key = rng_streams.key(cfg.seed, "seeding/teacher_samples/answers")
+  fn = jax.jit(lambda p, x: sample_tokens(t.graphdef, p, x, key, cfg, steps=world.attr_len,
                                           temperature=sc.sample_temperature))
   tokens = np.asarray(fn(jax.device_put(teacher_params, t.rep), jnp.asarray(prompts))).astype(np.int32)
   mask = np.zeros_like(tokens)

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from sleep_jax import distributed, preflight, run_lock
+from sleep_jax import distributed, engine, preflight, rng_streams, run_lock
 from sleep_jax import sharding as shd
 from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
@@ -20,8 +20,7 @@ from sleep_jax.loop import check_saved_config, write_config
 from sleep_jax.seeding import expand, report, steps
 from sleep_jax.seeding.methods import check_methods, method_spec
 from sleep_jax.seeding.pipeline import (ModelOnMesh, divergence_to_teacher, expand_student, scores,
-                                        teacher_samples, to_global, train_teacher)
-from sleep_jax.seeding.stage import run_stage
+                                        stage, teacher_samples, to_global, train_teacher)
 
 log = logging.getLogger("sleep_jax")
 
@@ -49,16 +48,17 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
   if spec["train"] == "slow_mlp":  # no expansion: undo the new expert, train existing weights
     slot = expand.active_slots(jax.device_get(params), s.roles, slow)[-1]
     params = expand.set_expert(params, s.roles, slow, slot, active=False)
-    labels = steps.train_labels(s.roles, level=slow, slot=None)
+    train = steps.trainable(s.roles, level=slow, slot=None)
   else:
-    labels = steps.train_labels(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
-  tx = steps.masked_optimizer(labels, sc.lr, sc.steps)
-  shardings, abstract, make = s.train_state(tx, cfg.seed + 7)
+    train = steps.trainable(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
+  tx = steps.masked_optimizer(train, sc.lr, sc.steps)
+  # One stream for every method: they differ by method, not by their random draws.
+  shardings, abstract, make = s.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/consolidate"))
   bsh = shd.batch_sharding(s.mesh)
   if spec["kind"] == "sft":
     fn = jax.jit(functools.partial(steps.sft_step, s.graphdef, tx), in_shardings=(shardings, bsh),
                  out_shardings=(shardings, s.rep), donate_argnums=(0,))
-    call = lambda state, batch: fn(state, batch)
+    call = fn
   else:
     hp = {"lam": spec["lam"], "alpha": spec["alpha"]}
     fn = steps.jit_step(functools.partial(steps.ks_step, s.graphdef, t.graphdef, tx, cfg, s.cfg, hp, gather=s.rep),
@@ -68,16 +68,15 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
     call = lambda state, batch: fn(state, teacher_on_s, student_params, batch)
 
   def batch(i):  # rows of D: a pure function of (seed, step)
-    idx = np.random.default_rng([cfg.seed, i, 13]).integers(0, len(D["tokens"]), sc.batch_size)
+    idx = rng_streams.numpy(cfg.seed, "seeding/consolidate/batches", i).integers(0, len(D["tokens"]), sc.batch_size)
     return to_global({k: v[idx] for k, v in D.items()}, s.mesh)
 
   def on_eval(state, _):
     return {f"eval/{k}": v for k, v in scores(s, state["params"], world).items()}
 
-  state = run_stage(os.path.join(cfg.run_dir, "methods", name), abstract_state=abstract, init=lambda: make(params),
-                    step=lambda st, i: call(st, batch(i)), steps=sc.steps, every=cfg.checkpoint.every,
-                    log_every=cfg.train.log_every, desc=f"consolidate: {name}", on_eval=on_eval,
-                    eval_every=sc.eval_every)
+  state = engine.run(stage(cfg, "methods", name, abstract_state=abstract, init=lambda: make(params), step=call,
+                            batch=batch, steps=sc.steps, desc=f"consolidate: {name}", on_eval=on_eval,
+                            eval_every=sc.eval_every))
   return state["params"]
 
 

@@ -1,9 +1,8 @@
 """The jitted knowledge-seeding steps: masked SFT and the L_KS consolidation step.
 
 Both are pure functions of explicit pytrees, jitted with the student's shardings and a
-donated state {"step", "params", "opt_state", "rng"}. Only the parameters labelled "train"
-move: the optimizer is an optax.multi_transform whose "freeze" branch is set_to_zero, so
-every other parameter stays bit-identical (tested).
+donated state {"step", "params", "opt_state", "rng"}. Only the trainable parameters move:
+the optimizer is freeze.masked, so every other parameter stays bit-identical (tested).
 
 L_KS step (maximises (1 - alpha) E[r] - alpha D(T||S)), all in ONE jitted step:
   1. off-policy: F(T||S) on the teacher-sampled batch from D (teacher logits in-step);
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from sleep_jax import freeze, losses
 from sleep_jax.config import Config
 from sleep_jax.data.facts import PROMPT_LEN
 from sleep_jax.generate import sample_tokens
@@ -57,23 +57,23 @@ def _target_logp(out, targets_BT, chunk: int):
   return distill.sequence_log_probs(out, targets_BT)
 
 
-def train_labels(param_roles: dict, *, level: int, slot: int | None) -> Any:
-  """'train' for expert `slot` of CMS `level` (slot None: that level's base MLP), else
-  'freeze' (models/roles.py: chosen by each parameter's role, on any architecture)."""
-  def label(r):
+def trainable(param_roles: dict, *, level: int, slot: int | None) -> Any:
+  """True for expert `slot` of CMS `level` (slot None: that level's base MLP), else False
+  (models/roles.py: chosen by each parameter's role, on any architecture)."""
+  def train(r):
     if r.cms_level != level or not r.trainable:
-      return "freeze"
+      return False
     if slot is None:
-      return "train" if r.cms_part == "mlp" else "freeze"
-    return "train" if r.expert_slot == slot else "freeze"
+      return r.cms_part == "mlp"
+    return r.expert_slot == slot
 
-  return roles.labels(param_roles, label)
+  return roles.labels(param_roles, train)
 
 
-def masked_optimizer(labels, lr: float, steps: int, clip: float = 1.0) -> optax.GradientTransformation:
+def masked_optimizer(trainable_tree, lr: float, steps: int, clip: float = 1.0) -> optax.GradientTransformation:
+  """Clipped Adam with warm-up + cosine on the trainable parameters only (freeze.py)."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(10, max(steps - 1, 0)), max(steps, 11), lr * 0.1)
-  train = optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule))
-  return optax.multi_transform({"train": train, "freeze": optax.set_to_zero()}, labels)
+  return freeze.masked(optax.chain(optax.clip_by_global_norm(clip), optax.adam(schedule)), trainable_tree)
 
 
 def _apply(tx, state, grads, metrics):
@@ -85,13 +85,7 @@ def _apply(tx, state, grads, metrics):
 
 def sft_step(graphdef, tx, state, batch):
   """Masked cross-entropy on statements (the fast stage, and the `sft` baseline on D)."""
-  inputs, targets, mask = batch["tokens"][:, :-1], batch["tokens"][:, 1:], batch["loss_mask"][:, 1:]
-
-  def loss_fn(params):
-    logits = nnx.merge(graphdef, params)(inputs)[0]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return distill.masked_mean(ce, mask)
-
+  loss_fn = lambda params: losses.next_token_loss(nnx.merge(graphdef, params), batch["tokens"], batch["loss_mask"])
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   return _apply(tx, state, grads, {"loss": loss})
 
@@ -99,8 +93,7 @@ def sft_step(graphdef, tx, state, batch):
 def _teacher_lp(teacher, seq_BT, mask_BT, chunk: int):
   """Mean teacher log-prob per masked target token, per row [B]."""
   lp = _target_logp(_head_out(teacher, seq_BT[:, :-1], chunk), seq_BT[:, 1:], chunk)
-  m = mask_BT[:, 1:].astype(jnp.float32)
-  return jnp.sum(lp * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+  return losses.masked_row_mean(lp, mask_BT[:, 1:])
 
 
 def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, state, teacher_params, ref_params,
@@ -145,10 +138,10 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
 
   def loss_fn(params):
     student = functools.partial(_head_out, nnx.merge(s_graphdef, params), chunk=chunk)
-    m = {"distill_off": distill.masked_mean(_divergence(div, t_off, student(tokens[:, :-1]), chunk), mask[:, 1:])}
+    m = {"distill_off": losses.masked_mean(_divergence(div, t_off, student(tokens[:, :-1]), chunk), mask[:, 1:])}
     d = m["distill_off"]
     if lam > 0:
-      m["distill_on"] = distill.masked_mean(_divergence(div, t_on, student(y_on[:, :-1]), chunk), mask[:, 1:])
+      m["distill_on"] = losses.masked_mean(_divergence(div, t_on, student(y_on[:, :-1]), chunk), mask[:, 1:])
       d = (1.0 - lam) * d + lam * m["distill_on"]
     loss = d
     if alpha < 1:
