@@ -2,7 +2,7 @@
 it replaced (commit d378938), on the committed cms, hybrid and seeding configs:
 
   decay masks, CMS level labels, the GDN warm-up mask, one optimizer update, seeding's
-  train labels for every (level, slot), expert activation / reset / free slots, dreaming's
+  trainable masks for every (level, slot) ("train" labels before), expert activation / reset / free slots, dreaming's
   forced experts, LoRA init + merge, and whole-model growth -- all bit-identical.
 
   python experiments/check_roles_equivalence.py
@@ -53,7 +53,7 @@ def dump(mode: str, out: str) -> None:
       if cfg.model.kind == "hybrid":
         res[name, "gdn"] = flat(sl.gdn_only_mask(R))
       args = lambda p, *x: (p, R, *x)  # noqa: E731
-      lab = lambda p, **kw: steps.train_labels(R, **kw)  # noqa: E731
+      lab = lambda p, **kw: steps.trainable(R, **kw)  # noqa: E731
     else:
       res[name, "decay"] = flat(train.decay_mask(params))
       if cfg.model.kind == "cms":
@@ -62,7 +62,7 @@ def dump(mode: str, out: str) -> None:
       if cfg.model.kind == "hybrid":
         res[name, "gdn"] = flat(sl.gdn_only_mask(params))
       args = lambda p, *x: (p, *x)  # noqa: E731
-      lab = lambda p, **kw: steps.train_labels(p, **kw)  # noqa: E731
+      lab = lambda p, **kw: jax.tree.map(lambda x: x == "train", steps.train_labels(p, **kw))  # noqa: E731
     tx, _ = train.make_optimizer(cfg)
     upd, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     res[name, "update"] = flat(upd)
