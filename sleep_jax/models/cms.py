@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.adapters import project, sub
 from sleep_jax.models.layers import MLP, RMSNorm, param
 from sleep_jax.models.roles import ExpertFlag, NoDecay, tag
 
@@ -42,8 +43,9 @@ class LowRankExpert(nnx.Module):
   def score(self, x_BTD):
     return jnp.einsum("btd,d->bt", x_BTD, self.gate[...]).astype(jnp.float32) + self.bias[...]
 
-  def __call__(self, x_BTD):
-    return jnp.einsum("btr,rd->btd", jax.nn.silu(jnp.einsum("btd,dr->btr", x_BTD, self.a[...])), self.b[...])
+  def __call__(self, x_BTD, ad=None):
+    h_BTR = jax.nn.silu(project("btd,dr->btr", x_BTD, self.a[...], sub(ad, "a"), plain=True))
+    return project("btr,rd->btd", h_BTR, self.b[...], sub(ad, "b"), plain=True)
 
 
 class CMSLevel(nnx.Module):
@@ -67,10 +69,11 @@ class CMSLevel(nnx.Module):
       g_EBT = jnp.where(ranked >= kth_BT, g_EBT, 0.0)
     return g_EBT
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, ad=None):
+    """ad: this level's adapters (models/adapters.py), or None."""
     x = self.norm(x_BTD)
-    out = self.mlp(x)
+    out = self.mlp(x, sub(ad, "mlp"))
     g_EBT = self.gates(x)
     for i, expert in enumerate(self.experts):
-      out = out + g_EBT[i][..., None].astype(out.dtype) * expert(x)
+      out = out + g_EBT[i][..., None].astype(out.dtype) * expert(x, sub(ad, "experts", i))
     return out
