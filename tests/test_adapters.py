@@ -1,6 +1,7 @@
 """Unmerged low-rank adapters (models/adapters.py, dreaming/lora.py) and their PEFT export
 (hf/peft.py). The oracle is always the merged weight W + (alpha / r) A B run through the
-plain model (or written by the full-model exporter), never the unmerged code itself."""
+plain model (or written by the full-model exporter), never the unmerged code itself. (The
+batched isolated copies against each copy alone and the merged oracle: test_dreaming.py.)"""
 
 import functools
 
@@ -13,7 +14,6 @@ from safetensors.numpy import load_file
 
 from sleep_jax import hf
 from sleep_jax.config import load_config
-from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.generate import sample_tokens
 from sleep_jax.hf import peft
@@ -73,40 +73,6 @@ def test_unmerged_adapters_equal_merged_weights(path, overrides):
     _, lu = sample(params, tokens[:, :12], jax.random.key(0), adapters=lora_lib.for_model(ad, alpha=ALPHA))
     _, lm = sample(lora_lib.apply(params, ad, alpha=ALPHA), tokens[:, :12], jax.random.key(0))
     np.testing.assert_allclose(np.asarray(lu), np.asarray(lm), atol=1e-5)
-
-
-def _train_merged(graphdef, params, adapter, tokens_T, mask_T, *, steps, lr, alpha):
-  """The oracle copy: LoRA SFT through the merged weight (what train_copy did before)."""
-  import optax
-
-  tx = optax.adam(lr)
-  loss = lambda ad: D.sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None])
-  ad, opt = adapter, tx.init(adapter)
-  for _ in range(steps):
-    upd, opt = tx.update(jax.grad(loss)(ad), opt, ad)
-    ad = optax.apply_updates(ad, upd)
-  return ad
-
-
-def test_batched_unmerged_copies_equal_each_copy_alone_and_merged():
-  cfg, graphdef, params = _model("experiments/dream_tiny.yaml")
-  from sleep_jax.data.days import DayWorld
-  from test_dreaming import _dream_batch
-
-  tokens, mask = _dream_batch(DayWorld(**cfg.dreaming.world), 3)
-  adapters = jax.vmap(lambda k: lora_lib.init(params, roles.roles_for(cfg), k, 4))(jax.random.split(jax.random.key(1), 3))
-  kw = dict(steps=4, lr=1e-2, alpha=ALPHA)
-  copy = functools.partial(D.train_copy, graphdef, **kw)
-  together = jax.jit(jax.vmap(copy, in_axes=(None, 0, 0, 0)))(params, adapters, tokens, mask)
-  alone, merged = jax.jit(copy), jax.jit(functools.partial(_train_merged, graphdef, **kw))
-  for i in range(3):
-    one = jax.tree.map(lambda a: a[i], adapters)
-    mine = jax.tree.map(lambda a: a[i], together)
-    for ref in (alone(params, one, tokens[i], mask[i]), merged(params, one, tokens[i], mask[i])):
-      for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(ref)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-  b = [np.asarray(x) for x in jax.tree.leaves(jax.tree.map(lambda ab: ab["b"], together, is_leaf=lambda t: "b" in t))]
-  assert all(np.abs(x).max() > 0 for x in b) and not np.allclose(b[0][0], b[0][1])  # they trained, apart
 
 
 @pytest.mark.parametrize("overrides,targets,family", [

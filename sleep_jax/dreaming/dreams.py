@@ -130,10 +130,11 @@ def probe_scores(graphdef, params, probes_FT, mask_FT, adapters=None) -> tuple[j
 
 
 def train_copy(graphdef, params, adapter, tokens_T, mask_T, *, steps: int, lr: float, alpha: float):
-  """One isolated copy: `steps` Adam steps of LoRA SFT on one dream. Returns the adapter.
-  The adapter stays unmerged and is the only argument differentiated."""
+  """One isolated copy: `steps` Adam steps of LoRA SFT on one dream [T] (or a batch [B, T]).
+  Returns the adapter. It stays unmerged and is the only argument differentiated."""
   tx = optax.adam(lr)
-  loss = lambda ad: sft_loss(graphdef, params, tokens_T[None], mask_T[None], lora_lib.for_model(ad, alpha=alpha))
+  t, m = (tokens_T, mask_T) if tokens_T.ndim == 2 else (tokens_T[None], mask_T[None])
+  loss = lambda ad: sft_loss(graphdef, params, t, m, lora_lib.for_model(ad, alpha=alpha))
 
   def body(carry, _):
     ad, opt = carry
