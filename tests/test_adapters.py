@@ -76,8 +76,8 @@ def test_unmerged_adapters_equal_merged_weights(path, overrides):
 
 
 @pytest.mark.parametrize("overrides,targets,family", [
-    (["model.kind=transformer", "model.n_kv_heads=2", "model.eviction=none"], ("q", "k", "v", "o", "gate", "up", "down"),
-     "llama"),
+    (["model.kind=transformer", "model.n_kv_heads=2", "model.eviction=none"],
+     ("q", "k", "v", "o", "gate", "up", "down"), "llama"),
     (HYBRID, ADAPTABLE, "qwen3_5")], ids=["llama", "qwen3_5"])
 def test_peft_export_is_the_merged_weights_difference(tmp_path, overrides, targets, family):
   """Read back, lora_B @ lora_A * alpha / r of every module is exactly what merging the

@@ -90,7 +90,8 @@ def main() -> None:
     rows.append({"copies": k, "vmapped_s": med(tv), "sequential_s": med(ts), "speedup": med(ts) / med(tv),
                  "vmapped_cpu_s": med(cv), "sequential_cpu_s": med(cs), "cpu_speedup": med(cs) / med(cv),
                  "one_adapter_batch_s": med(tb), "bound_speedup": med(ts) / med(tb), "max_abs_diff": diff})
-  print(f"{'copies':>6} {'vmapped s':>10} {'sequential s':>13} {'speed-up':>9} {'cpu speed-up':>13} {'bound':>6} {'max |diff|':>11}")
+  print(f"{'copies':>6} {'vmapped s':>10} {'sequential s':>13} {'speed-up':>9} {'cpu speed-up':>13} {'bound':>6} "
+        f"{'max |diff|':>11}")
   for r in rows:
     print(f"{r['copies']:>6} {r['vmapped_s']:>10.3f} {r['sequential_s']:>13.3f} {r['speedup']:>9.2f} "
           f"{r['cpu_speedup']:>13.2f} {r['bound_speedup']:>6.2f} {r['max_abs_diff']:>11.1e}")

@@ -93,7 +93,8 @@ def adapter_tensors(adapter: dict, cfg) -> tuple[dict, dict]:
       tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(lora_A)
       tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(lora_B)
       ranks[module] = lora_A.shape[0]
-  flat = {tuple(getattr(k, "key", k) for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+  flat = {tuple(getattr(k, "key", k) for k in path[:-1])
+          for path, _ in jax.tree_util.tree_flatten_with_path(adapter)[0]}
   missing = sorted(flat - covered)
   if missing:
     raise HFError(f"cannot export to {fam.name}: no checkpoint tensor holds the adapted {missing[0]}")

@@ -121,7 +121,8 @@ class GatedDeltaNet(nnx.Module):
     log_alpha_BTH = jnp.maximum(-jnp.exp(self.a_log[...].astype(jnp.float32)) * dt_BTH, LOG_ALPHA_MIN)
     alpha_BTH = jnp.where(new_seg_BT[..., None], 0.0, jnp.exp(log_alpha_BTH)) if new_seg_BT is not None \
         else jnp.exp(log_alpha_BTH)
-    beta_BTH = jax.nn.sigmoid(project("btd,dh->bth", x_BTD, self.wb[...], sub(ad, "wb"), plain=True).astype(jnp.float32))
+    beta_BTH = jax.nn.sigmoid(project("btd,dh->bth", x_BTD, self.wb[...], sub(ad, "wb"), plain=True)
+                              .astype(jnp.float32))
     gate_BTHV = project("btd,dhk->bthk", x_BTD, self.wg[...], sub(ad, "wg"))
     return q, k, v, alpha_BTH, beta_BTH, gate_BTHV, conv_cache
 
