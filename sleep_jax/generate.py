@@ -76,7 +76,7 @@ def _without_chunk(layers: tuple, chunk_start) -> tuple:
   return tuple(drop(g) for g in layers)
 
 
-def _sleep(model, cache: Cache, cfg: Config) -> Cache:
+def _sleep(model, cache: Cache, cfg: Config, adapters=None) -> Cache:
   """The chunk just completed: passes 2..N from pass 1's features and S, then evict."""
   L = cfg.sleep.chunk_len
   st = cache["state"]
@@ -84,33 +84,34 @@ def _sleep(model, cache: Cache, cfg: Config) -> Cache:
   chunk_start = st["t"] - L
   incoming = {**st, "t": chunk_start, "layers": _without_chunk(st["layers"], chunk_start)}
   _, slept, n_B, _ = sleep_chunk(model, incoming, cache["h"], jnp.ones((B,), bool), cfg, tol=cfg.sleep.adaptive_tol,
-                                 start=1, S_start=cache["S_start"])
+                                 start=1, S_start=cache["S_start"], adapters=adapters)
   S = get_S(slept["layers"])
   return {**cache, "state": {**st, "layers": put_S(st["layers"], S)}, "S_start": S,
           "passes": cache["passes"] + n_B - 1}
 
 
-def decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config):
-  """One token -> (logits [B, V] float32, cache)."""
+def decode_step(model, cache: Cache, token_B: jax.Array, cfg: Config, adapters: dict | None = None):
+  """One token -> (logits [B, V] float32, cache). adapters: unmerged low-rank adapters
+  (models/adapters.py) or None."""
   st = cache["state"]
   if not sleeps(cfg):
-    logits_B1V, st = model(token_B[:, None], state=st)
+    logits_B1V, st = model(token_B[:, None], state=st, adapters=adapters)
     return logits_B1V[:, 0], {**cache, "state": st}
   L = cfg.sleep.chunk_len
   _, hi = sleep_range(cfg, model.n_layers)
   t = st["t"]
   ctx = model.context(1, token_B.shape[0], None, None, st)
-  h_B1D, layers = model.run_layers(model.embed_tokens(token_B[:, None]), st["layers"], ctx, 0, hi)
+  h_B1D, layers = model.run_layers(model.embed_tokens(token_B[:, None]), st["layers"], ctx, 0, hi, adapters)
   hbuf = jax.lax.dynamic_update_slice(cache["h"], h_B1D.astype(cache["h"].dtype), (0, t % L, 0))
-  h_B1D, layers = model.run_layers(h_B1D, layers, ctx, hi, model.n_layers)
+  h_B1D, layers = model.run_layers(h_B1D, layers, ctx, hi, model.n_layers, adapters)
   cache = {**cache, "h": hbuf, "state": {"t": t + 1, "seg": st["seg"], "layers": layers}}
-  cache = jax.lax.cond((t + 1) % L == 0, lambda c: _sleep(model, c, cfg), lambda c: c, cache)
+  cache = jax.lax.cond((t + 1) % L == 0, lambda c: _sleep(model, c, cfg, adapters), lambda c: c, cache)
   return model.head(h_B1D)[:, 0], cache
 
 
 def sample_tokens(graphdef, state, prompt_BT: jax.Array, rng: jax.Array, cfg: Config, *, steps: int,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, return_logits: bool = False,
-                  prompt_len_B: jax.Array | None = None):
+                  prompt_len_B: jax.Array | None = None, adapters: dict | None = None):
   """Pure sampler (call under jit): prompt [B, T0] -> tokens [B, T0 + steps].
 
   The prompt goes through the same one-token-per-step path as the samples (a single
@@ -118,6 +119,10 @@ def sample_tokens(graphdef, state, prompt_BT: jax.Array, rng: jax.Array, cfg: Co
   With return_logits also returns logits [B, T0 + steps - 1, V]: entry i predicts token i+1.
   prompt_len_B: per-row prompt lengths (<= T0); row b keeps prompt_BT[b, :len] and samples
   the rest (imitation completes teacher dreams cut at different points).
+  adapters: unmerged low-rank adapters (models/adapters.py) or None. One adapter for a whole
+  sampling run is cheaper merged into the weights once (dreaming/lora.apply): unmerged, every
+  decoded token pays two more small products per adapted projection; unmerged pays off
+  where several adapters share one base (a vmap over adapters).
   """
   model = nnx.merge(graphdef, state)
   B, T0 = prompt_BT.shape
@@ -127,7 +132,7 @@ def sample_tokens(graphdef, state, prompt_BT: jax.Array, rng: jax.Array, cfg: Co
 
   def body(carry, i):
     cache, tokens_BT = carry
-    logits_BV, cache = decode_step(model, cache, tokens_BT[:, i], cfg)
+    logits_BV, cache = decode_step(model, cache, tokens_BT[:, i], cfg, adapters)
     sampled_B = sample_logits(logits_BV, jax.random.fold_in(rng, i), temperature=temperature, top_k=top_k,
                               top_p=top_p)
     nxt_B = jnp.where(i + 1 < lens_B, tokens_BT[:, jnp.minimum(i + 1, total - 1)], sampled_B)

@@ -43,10 +43,12 @@ def next_token(tokens_BT: jax.Array, mask_BT: jax.Array) -> tuple[jax.Array, jax
   return tokens_BT[:, :-1], tokens_BT[:, 1:], mask_BT[:, 1:]
 
 
-def next_token_loss(model, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-  """Masked next-token cross-entropy of a decoder (`model(tokens) -> (logits, state)`)."""
+def next_token_loss(model, tokens_BT: jax.Array, mask_BT: jax.Array, *, adapters=None) -> jax.Array:
+  """Masked next-token cross-entropy of a decoder (`model(tokens) -> (logits, state)`);
+  adapters: unmerged low-rank adapters in decoder form (models/adapters.py), or None."""
   inputs, targets, mask = next_token(tokens_BT, mask_BT)
-  return masked_ce(model(inputs)[0], targets, mask)
+  logits = model(inputs)[0] if adapters is None else model(inputs, adapters=adapters)[0]
+  return masked_ce(logits, targets, mask)
 
 
 # -- sums, for token-weighted means across micro-batches and eval batches -------------------

@@ -169,7 +169,8 @@ def _take_rows(rows: tuple, S_new: tuple, S_old: tuple) -> tuple:
 
 
 def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_BL=None, segment_ids_BL=None,
-                tol: float = 0.0, start: int = 0, S_start: tuple | None = None, features: bool = False):
+                tol: float = 0.0, start: int = 0, S_start: tuple | None = None, features: bool = False,
+                adapters: dict | None = None):
   """One chunk of Algorithm 1 from the decoder state before it.
 
   start = 0: h is the chunk's embeddings; pass 1 runs the whole stack (its logits are the
@@ -179,6 +180,7 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
   began with. Every pass starts from the chunk's incoming KV and conv caches (sleep never
   rewrites the KV cache; only S changes); layers before lo keep their single run, layers
   after hi run once more, from their incoming S, on the last pass's features.
+  adapters: unmerged low-rank adapters (models/adapters.py), in every pass, or None.
   Returns (logits or None, new state, passes_B, pass 1's output of layer hi - 1); with
   features, the head's input final_norm(h) [B, L, D] in place of the logits.
   """
@@ -191,7 +193,7 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
 
   def pass_fn(lo_, hi_):
     def one(h, S):
-      h, layers = model.run_layers(h, put_S(layers_in, S), ctx, lo_, hi_)
+      h, layers = model.run_layers(h, put_S(layers_in, S), ctx, lo_, hi_, adapters)
       return h, get_S(layers), strip_S(layers)
     return one
 
@@ -204,9 +206,9 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
     logits, h_mid = head(h1), h1
   else:
     if start == 0:  # pass 1, the whole stack, in three parts
-      h_lo, layers = model.run_layers(h_BLD, layers_in, ctx, 0, lo)
-      h_mid, layers = model.run_layers(h_lo, layers, ctx, lo, hi)
-      h_out, layers = model.run_layers(h_mid, layers, ctx, hi, n)
+      h_lo, layers = model.run_layers(h_BLD, layers_in, ctx, 0, lo, adapters)
+      h_mid, layers = model.run_layers(h_lo, layers, ctx, lo, hi, adapters)
+      h_out, layers = model.run_layers(h_mid, layers, ctx, hi, n, adapters)
       logits, rest1, S1 = head(h_out), strip_S(layers), get_S(layers)
       S_start = S_in
     else:  # wake decoding ran pass 1: h is its output of layer hi - 1, state its S
@@ -216,7 +218,7 @@ def sleep_chunk(model, state: dict, h_BLD, active_B, cfg: Config, *, positions_B
                                       truncate=sc.truncate_passes, tol=tol, remat=True)
     if hi < n:  # the layers after the loop: once, from their incoming S, on the last features
       post = _rows_in(model, hi, n)
-      _, layers = model.run_layers(h_last, put_S(layers_in, _take_rows(post, S_start, S)), ctx, hi, n)
+      _, layers = model.run_layers(h_last, put_S(layers_in, _take_rows(post, S_start, S)), ctx, hi, n, adapters)
       S = _take_rows(post, get_S(layers), S)
   new_state = {"t": state["t"] + L, "seg": ctx["seg"][:, -1], "layers": put_S(rest1, S)}
   return logits, new_state, n_B, h_mid
@@ -236,7 +238,7 @@ def consolidation_schedule(mask_CBL: jax.Array, schedule: str) -> jax.Array:
 def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
                   positions_BT: jax.Array | None = None, segment_ids_BT: jax.Array | None = None,
                   consolidate_BC: jax.Array | None = None, return_passes: bool = False,
-                  adaptive: bool | None = None, features: bool = False) -> Any:
+                  adaptive: bool | None = None, features: bool = False, adapters: dict | None = None) -> Any:
   """Algorithm 1: logits [B, T, V] float32 (and passes used [B, n_chunks] if return_passes).
   features: pass 1's head input final_norm(h) [B, T, D] instead of its logits (for the
   chunked losses, ops/chunked_ce.py, with `model.head_weight()`).
@@ -244,6 +246,7 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
   Which chunks consolidate is data: consolidate_BC (bool [B, n_chunks]) when given, else
   cfg.sleep.schedule: "masked" (a chunk whose targets are all masked) or "every_chunk".
   adaptive: None uses adaptive depth iff cfg.sleep.adaptive_tol > 0; False forces N passes.
+  adapters: unmerged low-rank adapters (models/adapters.py) or None.
   """
   mc, sc = cfg.model, cfg.sleep
   L = sc.chunk_len
@@ -267,11 +270,11 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
         to_chunks(segment_ids_BT.astype(jnp.int32)) if segment_ids_BT is not None else None)
   graphdef, params = nnx.split(model)
 
-  def chunk(params, state, xs):
+  def chunk(params, adapters, state, xs):
     tokens_BL, active_B, pos_BL, seg_BL = xs
     m = nnx.merge(graphdef, params)
     logits, state, n_B, _ = sleep_chunk(m, state, m.embed_tokens(tokens_BL), active_B, cfg, positions_BL=pos_BL,
-                                        segment_ids_BL=seg_BL, tol=tol, features=features)
+                                        segment_ids_BL=seg_BL, tol=tol, features=features, adapters=adapters)
     return state, (logits, n_B)
 
   if mc.remat:
@@ -280,7 +283,7 @@ def sleep_forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.A
     # with N by one chunk's (h, S) per pass instead of every chunk's.
     chunk = jax.checkpoint(chunk, policy=jax.checkpoint_policies.nothing_saveable)
   state0 = nnx.merge(graphdef, params).init_state(B, max_len=C * L, decode=False)
-  _, (logits_CBLV, n_CB) = jax.lax.scan(lambda st, x: chunk(params, st, x), state0, xs)
+  _, (logits_CBLV, n_CB) = jax.lax.scan(lambda st, x: chunk(params, adapters, st, x), state0, xs)
   logits_BTV = jnp.moveaxis(logits_CBLV, 0, 1).reshape(B, C * L, -1)[:, :T]
   if return_passes:
     return logits_BTV, n_CB.T

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -42,16 +43,32 @@ def _dream_batch(world, n, seed=0):
   return D.closed_book(jnp.asarray(qa), jnp.asarray(world.attr_mask(world.qa_per_example)))
 
 
+def _train_merged(graphdef, params, adapter, tokens_T, mask_T, *, steps, lr, alpha):
+  """The oracle copy: LoRA SFT through the merged weight W + (alpha / r) A B."""
+  tx = optax.adam(lr)
+  loss = lambda ad: D.sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None])
+  ad, opt = adapter, tx.init(adapter)
+  for _ in range(steps):
+    upd, opt = tx.update(jax.grad(loss)(ad), opt, ad)
+    ad = optax.apply_updates(ad, upd)
+  return ad
+
+
 def test_vmapped_copies_equal_training_each_copy_alone(model):
+  """The batched copies (unmerged adapters, base weights unbatched) equal each copy trained
+  alone, and the oracle that trains through the merged weights."""
   cfg, graphdef, params, world = model
   tokens, mask = _dream_batch(world, 3)
   adapters = jax.vmap(lambda k: lora_lib.init(params, roles.roles_for(cfg), k, 4))(jax.random.split(jax.random.key(1), 3))
   kw = dict(steps=4, lr=1e-2, alpha=8.0)
   together = jax.jit(jax.vmap(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw)))(adapters, tokens, mask)
+  alone = jax.jit(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw))
+  merged = jax.jit(lambda a, t, m: _train_merged(graphdef, params, a, t, m, **kw))
   for i in range(3):
-    alone = D.train_copy(graphdef, params, jax.tree.map(lambda a: a[i], adapters), tokens[i], mask[i], **kw)
-    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda a: a[i], together)), jax.tree.leaves(alone)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    one = jax.tree.map(lambda a: a[i], adapters)
+    for ref in (alone(one, tokens[i], mask[i]), merged(one, tokens[i], mask[i])):
+      for x, y in zip(jax.tree.leaves(jax.tree.map(lambda a: a[i], together)), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
   # The copies really trained (B left 0) and differ from each other.
   b = [np.asarray(x) for x in jax.tree.leaves(jax.tree.map(lambda ab: ab["b"], together, is_leaf=lambda t: "b" in t))]
   assert all(np.abs(x).max() > 0 for x in b) and not np.allclose(b[0][0], b[0][1])

@@ -8,8 +8,11 @@
   top k plus b others drawn at random (deterministic per rng).
 * Isolated copies: each kept dream trains its own LoRA adapter for `copy_steps` Adam steps
   on the frozen base; all copies at once with jax.vmap over adapters (SEAL trains one copy
-  at a time). Reward 1 iff the copy's closed-book accuracy on the day's probes beats the
-  base model's (the task evaluation tau).
+  at a time). Adapters stay unmerged (models/adapters.py): the copies share the base
+  weights, so vmapped with the base unbatched, x W is one matmul over every copy's rows and
+  only the rank-r products are per copy; gradients are taken w.r.t. the adapter alone.
+  Reward 1 iff the copy's closed-book accuracy on the day's probes beats the base model's
+  (the task evaluation tau).
 * ReST-EM: the generator (the model plus its own LoRA adapter, kept across days) is
   fine-tuned on `passage QUERY dream` for the rewarded dreams only.
 """
@@ -95,8 +98,9 @@ def greedy_targets(graphdef, params, tokens_BT: jax.Array, mask_BT: jax.Array, *
   return tokens_BT
 
 
-def sft_loss(graphdef, params, tokens_BT, mask_BT) -> jax.Array:
-  return losses.next_token_loss(nnx.merge(graphdef, params), tokens_BT, mask_BT)
+def sft_loss(graphdef, params, tokens_BT, mask_BT, adapters=None) -> jax.Array:
+  """Masked next-token cross-entropy; adapters: unmerged (decoder form, lora.for_model)."""
+  return losses.next_token_loss(nnx.merge(graphdef, params), tokens_BT, mask_BT, adapters=adapters)
 
 
 def importance(graphdef, params, tokens_MT, mask_MT) -> jax.Array:
@@ -113,19 +117,21 @@ def select(scores_M: np.ndarray, k: int, b: int, rng: np.random.Generator) -> np
   return np.sort(np.concatenate([top, extra]).astype(int))
 
 
-def probe_scores(graphdef, params, probes_FT, mask_FT) -> tuple[jax.Array, jax.Array]:
+def probe_scores(graphdef, params, probes_FT, mask_FT, adapters=None) -> tuple[jax.Array, jax.Array]:
   """(exact-match accuracy, loss) of closed-book probes under teacher forcing; exact match
   of every answer token given the true prefix equals greedy-decoding exact match."""
-  logits = nnx.merge(graphdef, params)(probes_FT[:, :-1])[0]
+  logits = nnx.merge(graphdef, params)(probes_FT[:, :-1], adapters=adapters)[0]
   m = mask_FT[:, 1:]
   ok = (jnp.argmax(logits, -1) == probes_FT[:, 1:]) | (m == 0)
   return jnp.mean(jnp.all(ok, -1).astype(jnp.float32)), losses.masked_ce(logits, probes_FT[:, 1:], m)
 
 
 def train_copy(graphdef, params, adapter, tokens_T, mask_T, *, steps: int, lr: float, alpha: float):
-  """One isolated copy: `steps` Adam steps of LoRA SFT on one dream. Returns the adapter."""
+  """One isolated copy: `steps` Adam steps of LoRA SFT on one dream [T] (or a batch [B, T]).
+  Returns the adapter. It stays unmerged and is the only argument differentiated."""
   tx = optax.adam(lr)
-  loss = lambda ad: sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None])
+  t, m = (tokens_T, mask_T) if tokens_T.ndim == 2 else (tokens_T[None], mask_T[None])
+  loss = lambda ad: sft_loss(graphdef, params, t, m, lora_lib.for_model(ad, alpha=alpha))
 
   def body(carry, _):
     ad, opt = carry
@@ -140,7 +146,7 @@ def train_copy(graphdef, params, adapter, tokens_T, mask_T, *, steps: int, lr: f
 def copy_rewards(graphdef, params, adapters, probes_FT, mask_FT, *, alpha: float) -> tuple[jax.Array, jax.Array]:
   """(reward [K], accuracy [K]) of trained copies against the base model on tau."""
   base_acc, _ = probe_scores(graphdef, params, probes_FT, mask_FT)
-  acc = jax.vmap(lambda ad: probe_scores(graphdef, lora_lib.apply(params, ad, alpha=alpha), probes_FT, mask_FT)[0])(
+  acc = jax.vmap(lambda ad: probe_scores(graphdef, params, probes_FT, mask_FT, lora_lib.for_model(ad, alpha=alpha))[0])(
       adapters)
   return (acc > base_acc).astype(jnp.float32), acc
 
@@ -150,4 +156,4 @@ def rest_em_loss(graphdef, params, gen_adapter, prompt_T, dreams_MN, weights_M, 
   seq = jnp.concatenate([jnp.broadcast_to(prompt_T[:-1], (dreams_MN.shape[0], prompt_T.shape[0] - 1)), dreams_MN], 1)
   P = prompt_T.shape[0]
   mask = (jnp.arange(seq.shape[1]) >= P)[None].astype(jnp.float32) * weights_M[:, None]
-  return sft_loss(graphdef, lora_lib.apply(params, gen_adapter, alpha=alpha), seq, mask)
+  return sft_loss(graphdef, params, seq, mask, lora_lib.for_model(gen_adapter, alpha=alpha))

@@ -102,6 +102,8 @@ class Dreamer:
   # -- one day of each method -------------------------------------------------------------
   def dream(self, params, gen, day: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(closed-book tokens [m, T], masks [m, T], importance [m]) of m fresh dreams."""
+    # One adapter for a whole sampling run: merged once (a weight-sized add), rather than
+    # unmerged, which costs two more small products per adapted projection per token.
     writer = params if gen is None else lora_lib.apply(params, gen, alpha=self.alpha)
     dreams = self.sample(writer, jnp.asarray(self.world.dream_prompt(day)), rng)
     tokens, mask = D.closed_book(dreams, self.attr_mask)

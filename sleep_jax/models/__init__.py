@@ -34,13 +34,14 @@ def sleeps(cfg: Config) -> bool:
 def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, cfg: Config, *,
             training: bool = True, positions_BT: jax.Array | None = None,
             segment_ids_BT: jax.Array | None = None, consolidate_BC: jax.Array | None = None,
-            features: bool = False):
+            features: bool = False, adapters: dict | None = None):
   """Logits [B, T, V] for next-token prediction, and the sleep passes used per example
   (None when the model does not sleep). Packed text passes positions and segment ids: a
   segment change resets S, conv caches and attention (no information crosses documents).
   consolidate_BC: which chunks sleep (default: sleep.schedule), for a batch that carries it.
   features: the head's input final_norm(h) [B, T, D] instead of the logits (chunked losses:
-  ops/chunked_ce.py with `model.head_weight()`)."""
+  ops/chunked_ce.py with `model.head_weight()`).
+  adapters: unmerged low-rank adapters (models/adapters.py; a LoRA fine-tune) or None."""
   if sleeps(cfg):
     from sleep_jax.sleep import sleep_forward
 
@@ -48,9 +49,9 @@ def forward(model: nnx.Module, inputs_BT: jax.Array, target_mask_BT: jax.Array, 
     logits, passes_BC = sleep_forward(model, inputs_BT, target_mask_BT, cfg, return_passes=True,
                                       adaptive=False if training else None, positions_BT=positions_BT,
                                       segment_ids_BT=segment_ids_BT, consolidate_BC=consolidate_BC,
-                                      features=features)
+                                      features=features, adapters=adapters)
     return logits, passes_BC.max(axis=-1)
-  return model(inputs_BT, positions_BT, segment_ids_BT, features=features)[0], None
+  return model(inputs_BT, positions_BT, segment_ids_BT, features=features, adapters=adapters)[0], None
 
 
 def logits(model: nnx.Module, tokens_BT: jax.Array, cfg: Config) -> jax.Array:

@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.adapters import project, sub
 from sleep_jax.models.layers import RMSNorm, param
 from sleep_jax.models.roles import NoDecay
 from sleep_jax.models.rope import rope
-from sleep_jax.ops.dense import dense
 
 NEG_INF = -1e30
 
@@ -128,7 +128,8 @@ class Attention(nnx.Module):
     self.wq = param(rngs, (D, H, K), ("embed", "heads", "kv"), std, proj="q")
     self.wk = param(rngs, (D, G, K), ("embed", "heads", "kv"), std, proj="k")
     self.wv = param(rngs, (D, G, K), ("embed", "heads", "kv"), std, proj="v")
-    self.wo = param(rngs, (H, K, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True)
+    self.wo = param(rngs, (H, K, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True,
+                    fan_in=("heads", "kv"))
     bias = lambda n: param(rngs, (n, K), ("heads", "kv"), 0.0, kind=NoDecay) if cfg.qkv_bias else None  # noqa: E731
     self.bq, self.bk, self.bv = bias(H), bias(G), bias(G)
     self.w_gate = param(rngs, (D, H, K), ("embed", "heads", "kv"), std, proj="out_gate") if cfg.attn_out_gate else None
@@ -140,29 +141,31 @@ class Attention(nnx.Module):
     self.rope_args = (int(K * cfg.rope_fraction) // 2 * 2, float(cfg.rope_base),
                       tuple(sorted((cfg.rope_scaling or {}).items())))
 
-  def qkv(self, x_BTD, positions_BT):
-    """Rotated q [B, T, H, K], k [B, T, G, K] and v [B, T, G, K]."""
-    q = dense("btd,dhk->bthk", x_BTD, self.wq[...])
-    k = dense("btd,dhk->bthk", x_BTD, self.wk[...])
-    v = dense("btd,dhk->bthk", x_BTD, self.wv[...])
+  def qkv(self, x_BTD, positions_BT, ad=None):
+    """Rotated q [B, T, H, K], k [B, T, G, K] and v [B, T, G, K]. ad: this module's adapters
+    (models/adapters.py), or None."""
+    q = project("btd,dhk->bthk", x_BTD, self.wq[...], sub(ad, "wq"))
+    k = project("btd,dhk->bthk", x_BTD, self.wk[...], sub(ad, "wk"))
+    v = project("btd,dhk->bthk", x_BTD, self.wv[...], sub(ad, "wv"))
     if self.bq is not None:
       q, k, v = (a + b[...].astype(a.dtype) for a, b in ((q, self.bq), (k, self.bk), (v, self.bv)))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     return rope(q, positions_BT, *self.rope_args), rope(k, positions_BT, *self.rope_args), v
 
-  def output(self, o_BTHK, x_BTD):
+  def output(self, o_BTHK, x_BTD, ad=None):
     if self.w_gate is not None:
-      gate = dense("btd,dhk->bthk", x_BTD, self.w_gate[...])
+      gate = project("btd,dhk->bthk", x_BTD, self.w_gate[...], sub(ad, "w_gate"))
       o_BTHK = (o_BTHK.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(o_BTHK.dtype)
-    return dense("bthk,hkd->btd", o_BTHK, self.wo[...])
+    return project("bthk,hkd->btd", o_BTHK, self.wo[...], sub(ad, "wo"))
 
   def __call__(self, x_BTD, positions_BT, idx_T, seg_BT, cache: dict | None, *, eviction: str, chunk_len: int,
-               segmented: bool, row: int | None = None):
+               segmented: bool, row: int | None = None, ad: dict | None = None):
     """(y [B, T, D], new cache or None). cache: this layer's slice of a group cache
     (k, v [B, G, Sc, K], idx [Sc], seg [B, Sc]), or None for attention within the call; when
-    decoding (T = 1, `row` given), the whole group cache (leading axis R) and its row."""
-    q, k, v = self.qkv(x_BTD, positions_BT)
+    decoding (T = 1, `row` given), the whole group cache (leading axis R) and its row.
+    ad: this layer's attention adapters (models/adapters.py), or None."""
+    q, k, v = self.qkv(x_BTD, positions_BT, ad)
     k_BGTK, v_BGTK = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     T = x_BTD.shape[1]
 
@@ -172,7 +175,7 @@ class Attention(nnx.Module):
 
     if cache is None:
       y = attend(q, k_BGTK, v_BGTK, mask_for(idx_T, seg_BT))
-      return self.output(y, x_BTD), None
+      return self.output(y, x_BTD, ad), None
     if T == 1 and row is not None:
       # One decoded token, `cache` the whole stacked group cache and `row` this layer: the
       # entry is written first, in place, and attention then reads the updated row (reading
@@ -182,9 +185,9 @@ class Attention(nnx.Module):
       cache = write_token(cache, (k_BGTK, v_BGTK, idx_T, seg_BT), row)
       m = mask_for(cache["idx"][row], cache["seg"][row])
       y = attend(q, cache["k"][row].astype(q.dtype), cache["v"][row].astype(q.dtype), m)
-      return self.output(y, x_BTD), cache
+      return self.output(y, x_BTD, ad), cache
     keys = jnp.concatenate([cache["k"].astype(k.dtype), k_BGTK], axis=2)
     vals = jnp.concatenate([cache["v"].astype(v.dtype), v_BGTK], axis=2)
     m = mask_for(jnp.concatenate([cache["idx"], idx_T]), jnp.concatenate([cache["seg"], seg_BT], axis=1))
     y = attend(q, keys, vals, m)
-    return self.output(y, x_BTD), write_cache(cache, k_BGTK, v_BGTK, idx_T, seg_BT)
+    return self.output(y, x_BTD, ad), write_cache(cache, k_BGTK, v_BGTK, idx_T, seg_BT)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.adapters import project, sub
 from sleep_jax.models.layers import MLP, RMSNorm, param
 from sleep_jax.models.roles import ExpertFlag, NoDecay, tag
 
@@ -42,8 +43,9 @@ class LowRankExpert(nnx.Module):
   def score(self, x_BTD):
     return jnp.einsum("btd,d->bt", x_BTD, self.gate[...]).astype(jnp.float32) + self.bias[...]
 
-  def __call__(self, x_BTD):
-    return jnp.einsum("btr,rd->btd", jax.nn.silu(jnp.einsum("btd,dr->btr", x_BTD, self.a[...])), self.b[...])
+  def __call__(self, x_BTD, ad=None):
+    h_BTR = jax.nn.silu(project("btd,dr->btr", x_BTD, self.a[...], sub(ad, "a"), plain=True))
+    return project("btr,rd->btd", h_BTR, self.b[...], sub(ad, "b"), plain=True)
 
 
 class CMSLevel(nnx.Module):
@@ -67,10 +69,23 @@ class CMSLevel(nnx.Module):
       g_EBT = jnp.where(ranked >= kth_BT, g_EBT, 0.0)
     return g_EBT
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, ad=None):
+    """ad: this level's adapters (models/adapters.py), or None."""
     x = self.norm(x_BTD)
-    out = self.mlp(x)
-    g_EBT = self.gates(x)
-    for i, expert in enumerate(self.experts):
-      out = out + g_EBT[i][..., None].astype(out.dtype) * expert(x)
-    return out
+    out = self.mlp(x, sub(ad, "mlp"))
+    if not len(self.experts):
+      return out
+
+    def with_experts(out):
+      g_EBT = self.gates(x)
+      for i, expert in enumerate(self.experts):
+        out = out + g_EBT[i][..., None].astype(out.dtype) * expert(x, sub(ad, "experts", i))
+      return out
+
+    # Slots are pre-allocated and stay inactive until expansion, so a level often has none
+    # active (every level of a fresh model, the fast levels of a dreaming model): all its
+    # gates are then exactly 0 and the experts add exactly 0, so skip their products and
+    # gates (forward and backward; a third of a small CMS layer's work). The flags are
+    # parameters, not data, so under a vmap over data or adapters this stays a branch.
+    active = jnp.stack([jax.lax.stop_gradient(e.active[...]) for e in self.experts])
+    return jax.lax.cond(jnp.any(active > 0), with_experts, lambda o: o, out)

@@ -38,6 +38,7 @@ from sleep_jax.models.attention import Attention, empty_cache
 from sleep_jax.models.cms import CMSLevel
 from sleep_jax.models.gdn import GatedDeltaNet, gdn_dims
 from sleep_jax.models.layers import MLP, RMSNorm, param, short_conv
+from sleep_jax.models.adapters import sub
 from sleep_jax.models.roles import tag
 from sleep_jax.ops.chunked_ce import project
 
@@ -101,19 +102,20 @@ class Layer(nnx.Module):
       self.conv = short_conv(cfg, rngs)
     tag(self, layer_kind=kind)
 
-  def mlp_residual(self, h):
+  def mlp_residual(self, h, ad=None):
     if hasattr(self, "levels"):
-      for level in self.levels:
-        h = h + level(h)
+      for i, level in enumerate(self.levels):
+        h = h + level(h, sub(ad, "levels", i))
       return h
-    return h + self.mlp(self.mlp_norm(h))
+    return h + self.mlp(self.mlp_norm(h), sub(ad, "mlp"))
 
-  def __call__(self, h_BTD, st: dict, ctx: dict):
-    """One layer. st: this layer's state slice (no leading R). Returns (h, new st)."""
+  def __call__(self, h_BTD, st: dict, ctx: dict, ad: dict | None = None):
+    """One layer. st: this layer's state slice (no leading R); ad: its adapters (no leading
+    R; models/adapters.py) or None. Returns (h, new st)."""
     x = self.mixer_norm(h_BTD)
     if self.kind == "gdn":
       y, S, conv = self.gdn(x, st["S"], valid=ctx["taps"][self.gdn.conv_q.shape[0]], new_seg_BT=ctx["new_seg"],
-                            conv_cache=st.get("conv"))
+                            conv_cache=st.get("conv"), ad=sub(ad, "gdn"))
       st = {**st, "S": S, **({"conv": conv} if "conv" in st else {})}  # no cache in, none out
     else:
       if self.conv is not None:
@@ -121,10 +123,11 @@ class Layer(nnx.Module):
         if "conv" in st:
           st = {**st, "conv": conv}
       y, kv = self.attn(x, ctx["positions"], ctx["idx"], ctx["seg"], st.get("kv"), eviction=ctx["eviction"][self.kind],
-                        chunk_len=ctx["chunk_len"], segmented=ctx["segmented"], row=ctx.get("row"))
+                        chunk_len=ctx["chunk_len"], segmented=ctx["segmented"], row=ctx.get("row"),
+                        ad=sub(ad, "attn"))
       if kv is not None:
         st = {**st, "kv": kv}
-    return self.mlp_residual(h_BTD + y), st
+    return self.mlp_residual(h_BTD + y, ad), st
 
 
 def stacked(make, n: int, rngs: nnx.Rngs):
@@ -149,6 +152,17 @@ def _taps_valid(W: int, idx_T, seg_start_BT, chunk_len: int, evicts: bool):
   if seg_start_BT is not None:
     valid = valid[None] & (src_WT[None] >= seg_start_BT[:, None, :])
   return valid
+
+
+def group_adapters(adapters: dict | None, P: int) -> list:
+  """Per pattern position, its layers' adapter subtree (leading R) or None. Only stacked
+  layer weights take adapters: one elsewhere (the embedding, the head) would be silently
+  ignored, so it is an error."""
+  if adapters is None:
+    return [None] * P
+  if set(adapters) - {"groups"}:
+    raise ValueError(f"adapters outside the stacked layers are not supported: {sorted(set(adapters) - {'groups'})}")
+  return [sub(adapters, "groups", p) for p in range(P)]
 
 
 class Decoder(nnx.Module):
@@ -242,23 +256,29 @@ class Decoder(nnx.Module):
             "taps": {W: _taps_valid(W, idx_T, seg_start, chunk_len, evicts) for W in widths},
             "eviction": {k: attn_eviction(k, c) for k in MIXERS if k != "gdn"}}
 
-  def run_layers(self, h_BTD, layers: tuple, ctx: dict, lo: int = 0, hi: int | None = None):
+  def run_layers(self, h_BTD, layers: tuple, ctx: dict, lo: int = 0, hi: int | None = None,
+                 adapters: dict | None = None):
     """Layers [lo, hi) over h with per-group states `layers` (leading axis R).
-    Returns (h, layers) with only the rows of layers in [lo, hi) changed."""
+    Returns (h, layers) with only the rows of layers in [lo, hi) changed. adapters: the
+    adapter tree of the whole model (models/adapters.py: keys as in the parameter dict) or
+    None; its "groups" rows ride through the scan beside the parameters."""
     P, R = len(self.pattern), self.repeats
     hi = self.n_layers if hi is None else hi
     if not lo < hi:
       return h_BTD, layers
     layers = list(layers)
     splits = [nnx.split(g) for g in self.groups]
+    ads = group_adapters(adapters, P)
 
     def run_repeat(h, params_p, states_p, ps, row=None):
-      """Pattern positions ps of one repeat (params and states without the R axis)."""
+      """Pattern positions ps of one repeat (params, states and adapters without the R axis;
+      params_p[p] is the pair (params, adapters))."""
       states_p = list(states_p)
       c = ctx if row is None else {**ctx, "row": row}
       for p in ps:
-        layer = nnx.merge(splits[p][0], params_p[p])
-        h, states_p[p] = layer(h, states_p[p], c)
+        params, ad = params_p[p]
+        layer = nnx.merge(splits[p][0], params)
+        h, states_p[p] = layer(h, states_p[p], c, ad)
       return h, tuple(states_p)
 
     def run_one(h, r, ps):
@@ -266,7 +286,7 @@ class Decoder(nnx.Module):
       at_r = lambda tree: jax.tree.map(lambda a: a[r], tree)  # noqa: E731
       # Decoding hands attention its whole group KV cache (written in place at row r).
       take = lambda st: {k: (v if decoding and k == "kv" else at_r(v)) for k, v in st.items()}  # noqa: E731
-      params_p = [at_r(splits[p][1]) if p in ps else None for p in range(P)]
+      params_p = [at_r((splits[p][1], ads[p])) if p in ps else None for p in range(P)]
       states_p = [take(layers[p]) if p in ps else None for p in range(P)]
       fn = run_repeat
       if self.cfg.remat and not decoding:  # (decoding is never differentiated)
@@ -283,7 +303,7 @@ class Decoder(nnx.Module):
 
     def flush(h):
       if full:
-        h = self._scan_repeats(h, layers, splits, ctx, full[0], full[-1] + 1, run_repeat)
+        h = self._scan_repeats(h, layers, splits, ads, ctx, full[0], full[-1] + 1, run_repeat)
         full.clear()
       return h
 
@@ -299,13 +319,13 @@ class Decoder(nnx.Module):
     h_BTD = flush(h_BTD)
     return h_BTD, tuple(layers)
 
-  def _scan_repeats(self, h, layers: list, splits, ctx, r0: int, r1: int, run_repeat):
+  def _scan_repeats(self, h, layers: list, splits, ads, ctx, r0: int, r1: int, run_repeat):
     """Full repeats r0 .. r1 - 1 as one lax.scan (or unrolled), writing their state rows."""
     P = len(self.pattern)
     every = tuple(range(P))
     whole = r0 == 0 and r1 == self.repeats
     rows = lambda tree: tree if whole else jax.tree.map(lambda a: a[r0:r1], tree)
-    xs = (tuple(rows(s[1]) for s in splits), tuple(rows(layers[p]) for p in range(P)))
+    xs = (tuple(rows((s[1], ad)) for s, ad in zip(splits, ads)), tuple(rows(layers[p]) for p in range(P)))
 
     def body(h, x):
       params_p, states_p = x
@@ -329,17 +349,18 @@ class Decoder(nnx.Module):
     return h
 
   def __call__(self, inputs, positions_BT=None, segment_ids_BT=None, state=None, *,
-               layers: tuple[int, int] | None = None, features: bool = False):
+               layers: tuple[int, int] | None = None, features: bool = False, adapters: dict | None = None):
     """(outputs, state): see the module docstring. layers = (lo, hi) runs only that range
     (features in and out unless it starts at 0 / ends at the last layer). features: a call
     that ends at the last layer returns the head's input, final_norm(h) [B, T, D], instead
-    of the logits (see `head_weight`)."""
+    of the logits (see `head_weight`). adapters: unmerged low-rank adapters
+    (models/adapters.py), keyed like the parameter dict, or None."""
     lo, hi = layers if layers is not None else (0, self.n_layers)
     h = self.embed_tokens(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) else inputs
     B, T = h.shape[:2]
     ctx = self.context(T, B, positions_BT, segment_ids_BT, state)
     per_layer = state["layers"] if state is not None else self.fresh_layers(B)
-    h, per_layer = self.run_layers(h, per_layer, ctx, lo, hi)
+    h, per_layer = self.run_layers(h, per_layer, ctx, lo, hi, adapters)
     new_state = {"t": ctx["idx"][-1] + 1, "seg": ctx["seg"][:, -1], "layers": per_layer}
     if hi == self.n_layers:
       h = self.final_norm(h) if features else self.head(h)

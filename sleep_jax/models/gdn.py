@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.adapters import project, sub
 from sleep_jax.models.layers import RMSNorm, causal_taps, param
 from sleep_jax.models.roles import NoDecay
-from sleep_jax.ops.dense import dense
 from sleep_jax.ops.gated_delta import gated_delta_rule, gated_delta_step
 
 # log(alpha) is clamped here: the chunkwise op works with log(alpha), and alpha underflowing
@@ -81,7 +81,8 @@ class GatedDeltaNet(nnx.Module):
     self.wa = param(rngs, (D, Hv), ("embed", "heads"), std, proj="alpha")
     self.wb = param(rngs, (D, Hv), ("embed", "heads"), std, proj="beta")
     self.wg = param(rngs, (D, Hv, dv), ("embed", "heads", "kv"), std, proj="out_gate")
-    self.wo = param(rngs, (Hv, dv, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True)
+    self.wo = param(rngs, (Hv, dv, D), ("heads", "kv", "embed"), std / 2, proj="o", out_proj=True,
+                    fan_in=("heads", "kv"))
     # One RMSNorm scale over each head's V channels, shared by the heads (as in FLA / Qwen3.5's
     # RMSNormGated, whose weight is never zero-centred); a `scale` leaf, so no weight decay.
     self.o_norm = RMSNorm(dv, rngs=rngs, eps=cfg.norm_eps, axis_name="kv")
@@ -97,12 +98,13 @@ class GatedDeltaNet(nnx.Module):
   def conv_channels(self) -> int:
     return sum(math.prod(w.shape[1:]) for w in (self.conv_q, self.conv_k, self.conv_v))
 
-  def features(self, x_BTD, valid, new_seg_BT, conv_cache):
+  def features(self, x_BTD, valid, new_seg_BT, conv_cache, ad=None):
     """x -> (q, k, v, alpha, beta, gate, new conv cache); q, k unit-norm per head, repeated
-    to the value heads."""
+    to the value heads. ad: this module's adapters (models/adapters.py), or None."""
     B, T, _ = x_BTD.shape
     (W, Hk, dk), (Hv, dv) = self.conv_q.shape, self.conv_v.shape[1:]
-    parts = [dense("btd,dhk->bthk", x_BTD, w[...]) for w in (self.wq, self.wk, self.wv)]
+    parts = [project("btd,dhk->bthk", x_BTD, w[...], sub(ad, n)) for n, w in (("wq", self.wq), ("wk", self.wk),
+                                                                              ("wv", self.wv))]
     x_BTC = jnp.concatenate([p.reshape(B, T, -1) for p in parts], axis=-1)
     w_WC = jnp.concatenate([w[...].reshape(W, -1) for w in (self.conv_q, self.conv_k, self.conv_v)], axis=-1)
     x_BTC, conv_cache = causal_taps(x_BTC, w_WC[::-1], valid, conv_cache)
@@ -114,29 +116,31 @@ class GatedDeltaNet(nnx.Module):
       q = q * jnp.asarray(self.q_scale, q.dtype)
     if Hv != Hk:
       q, k = jnp.repeat(q, Hv // Hk, axis=2), jnp.repeat(k, Hv // Hk, axis=2)
-    dt_BTH = jax.nn.softplus(jnp.einsum("btd,dh->bth", x_BTD, self.wa[...]).astype(jnp.float32)
+    dt_BTH = jax.nn.softplus(project("btd,dh->bth", x_BTD, self.wa[...], sub(ad, "wa"), plain=True).astype(jnp.float32)
                              + self.dt_bias[...].astype(jnp.float32))
     log_alpha_BTH = jnp.maximum(-jnp.exp(self.a_log[...].astype(jnp.float32)) * dt_BTH, LOG_ALPHA_MIN)
     alpha_BTH = jnp.where(new_seg_BT[..., None], 0.0, jnp.exp(log_alpha_BTH)) if new_seg_BT is not None \
         else jnp.exp(log_alpha_BTH)
-    beta_BTH = jax.nn.sigmoid(jnp.einsum("btd,dh->bth", x_BTD, self.wb[...]).astype(jnp.float32))
-    gate_BTHV = dense("btd,dhk->bthk", x_BTD, self.wg[...])
+    beta_BTH = jax.nn.sigmoid(project("btd,dh->bth", x_BTD, self.wb[...], sub(ad, "wb"), plain=True)
+                              .astype(jnp.float32))
+    gate_BTHV = project("btd,dhk->bthk", x_BTD, self.wg[...], sub(ad, "wg"))
     return q, k, v, alpha_BTH, beta_BTH, gate_BTHV, conv_cache
 
-  def output(self, o_BTHV, gate_BTHV):
+  def output(self, o_BTHV, gate_BTHV, ad=None):
     o = (self.o_norm(o_BTHV.astype(jnp.float32)) * jax.nn.silu(gate_BTHV.astype(jnp.float32))).astype(gate_BTHV.dtype)
-    return dense("bthv,hvd->btd", o, self.wo[...])
+    return project("bthv,hvd->btd", o, self.wo[...], sub(ad, "wo"))
 
-  def __call__(self, x_BTD, S_BHVK, *, valid, new_seg_BT=None, conv_cache=None):
-    """(y [B, T, D], new S, new conv cache). valid: conv tap mask (layers.causal_taps)."""
-    q, k, v, alpha, beta, gate, conv_cache = self.features(x_BTD, valid, new_seg_BT, conv_cache)
+  def __call__(self, x_BTD, S_BHVK, *, valid, new_seg_BT=None, conv_cache=None, ad=None):
+    """(y [B, T, D], new S, new conv cache). valid: conv tap mask (layers.causal_taps);
+    ad: this layer's GDN adapters (models/adapters.py), or None."""
+    q, k, v, alpha, beta, gate, conv_cache = self.features(x_BTD, valid, new_seg_BT, conv_cache, ad)
     if x_BTD.shape[1] == 1:  # one decoded token: the recurrence itself
       o, S_BHVK = gated_delta_step(S_BHVK, q[:, 0], k[:, 0], v[:, 0], alpha[:, 0], beta[:, 0])
       o = o[:, None].astype(v.dtype)
     else:
       chunk = max(1, min(self.chunk, x_BTD.shape[1]))  # no padding a short chunk up to gdn_chunk
       o, S_BHVK = gated_delta_rule(q, k, v, alpha, beta, initial_state=S_BHVK, mode="chunk", chunk_size=chunk)
-    return self.output(o, gate), S_BHVK, conv_cache
+    return self.output(o, gate, ad), S_BHVK, conv_cache
 
   def state_shapes(self, batch: int):
     """(S shape, conv cache shape) for one layer."""

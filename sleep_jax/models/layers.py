@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sleep_jax.models.adapters import project, sub
 from sleep_jax.models.roles import NoDecay
-from sleep_jax.ops.dense import dense
 
 nnx.use_eager_sharding(False)  # shardings are applied by jax.jit(out_shardings=...), not eagerly
 
@@ -58,10 +58,11 @@ class MLP(nnx.Module):
     self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), std, proj="up")
     self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), std / 2, proj="down", out_proj=True)
 
-  def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    gate_BTF = dense("btd,df->btf", x_BTD, self.w_gate[...])
-    up_BTF = dense("btd,df->btf", x_BTD, self.w_up[...])
-    return dense("btf,fd->btd", jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...])
+  def __call__(self, x_BTD: jax.Array, ad: dict | None = None) -> jax.Array:
+    """ad: this MLP's adapters (models/adapters.py), or None."""
+    gate_BTF = project("btd,df->btf", x_BTD, self.w_gate[...], sub(ad, "w_gate"))
+    up_BTF = project("btd,df->btf", x_BTD, self.w_up[...], sub(ad, "w_up"))
+    return project("btf,fd->btd", jax.nn.silu(gate_BTF) * up_BTF, self.w_down[...], sub(ad, "w_down"))
 
 
 def causal_taps(x_BTC: jax.Array, w_back_W: jax.Array, valid, cache_BWC: jax.Array | None):
