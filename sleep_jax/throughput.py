@@ -11,6 +11,7 @@ experiments/benchmarks/train_step.py; fake CPU devices share the cores, so each 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -34,8 +35,10 @@ def known_peak(device_kind: str) -> float | None:
   return None
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_dot_peak(n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of the best of `reps` [n, n] x [n, n] float32 jnp.dot calls on device 0."""
+  """FLOP/s of the best of `reps` [n, n] x [n, n] float32 jnp.dot calls on device 0, timed
+  once per process (every later training start in it reuses the figure)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()

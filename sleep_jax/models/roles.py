@@ -145,11 +145,6 @@ def subtree(params: dict, roles: dict, pred: Callable[[Role], bool]) -> dict:
   return out
 
 
-def overlay(params: dict, sub: dict) -> dict:
-  """params with the leaves of `sub` (a subtree of the same keys) put in their place."""
-  return {k: (overlay(v, sub[k]) if isinstance(v, dict) and k in sub else sub.get(k, v)) for k, v in params.items()}
-
-
 def cms_levels(roles: dict) -> int:
   """Number of CMS levels (0 when the model has none)."""
   levels = [r.cms_level for r in jax.tree.leaves(roles, is_leaf=is_role) if r.cms_level is not None]
