@@ -192,6 +192,11 @@ class SeedingConfig:
   samples: int = 2048  # teacher-sampled dataset D
   sample_temperature: float = 1.0
   lam: float = 0.5  # lambda: share of the distillation loss on student-generated sequences
+  # lambda ramps linearly from 0 to `lam` over this many steps (ks, no_imitation, no_expansion):
+  # a student that knows none of the new facts samples wrong answers, so its own samples
+  # carry little signal until off-policy distillation has taught it something. 0: constant.
+  lam_warmup: int = 0
+  experts: int = 1  # slow-level expert slots the student activates and trains (capacity; B = 0 each)
   alpha: float = 0.5  # L_KS weight of the divergence (1 - alpha: imitation reward)
   divergence: str = "fkl"  # fkl | rkl | jsd (jsd saturates when teacher and student disagree)
   jsd_beta: float = 0.5
@@ -203,6 +208,9 @@ class SeedingConfig:
   clip_eps: float = 0.2
   kl_coef: float = 0.02  # GRPO KL to the reference (the student before consolidation)
   eval_every: int = 100
+  # The whole pipeline (teacher, growth, samples, every method) once per seed: seed s runs
+  # with `seed` + s in RUN_DIR/seed<s>/, and results report each method's mean and spread.
+  seeds: int = 1
 
 
 @dataclass

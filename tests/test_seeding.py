@@ -15,9 +15,11 @@ from flax import nnx
 from conftest import REPO, subprocess_env
 from sleep_jax import rng_streams
 from sleep_jax import sharding as shd
-from sleep_jax.config import load_config
+from sleep_jax.config import ConfigError, load_config
 from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, imitate, steps
+from sleep_jax.seeding import report
+from sleep_jax.seeding import run as seed_run
 from sleep_jax.seeding.pipeline import ModelOnMesh
 from sleep_jax.train import Trainer
 
@@ -140,17 +142,24 @@ def test_ks_step_trains_only_the_new_expert():
   s = ModelOnMesh(scfg, shd.make_mesh(load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).mesh))
   _, tp = _params_with_trained_fast_expert(cfg)
   sp = expand.set_expert(s.init(3), s.roles, 1, 0, active=True)
-  train = steps.trainable(s.roles, level=1, slot=0)
+  # Two slow experts trained together (seeding.experts = 2): the new one and the next free slot.
+  slots = seed_run.expansion_slots(sp, s.roles, 1, 2)
+  assert slots == [0, 1]
+  sp = expand.set_expert(sp, s.roles, 1, 1, active=True)
+  train = steps.trainable(s.roles, level=1, slot=slots)
   tx = steps.masked_optimizer(train, 1e-2, 10)
   _, _, make = s.train_state(tx, rng_streams.raw_key(0, "test"))
   state = make(sp)
   before = jax.device_get(state["params"])
-  fn = jax.jit(lambda st, tp, rp, b: steps.ks_step(s.graphdef, t.graphdef, tx, cfg, scfg, {"lam": 0.5, "alpha": 0.5},
+  fn = jax.jit(lambda st, tp, rp, b: steps.ks_step(s.graphdef, t.graphdef, tx, cfg, scfg, {"lam": 0.5, "alpha": 0.5, "lam_warmup": 4},
                                                    st, tp, rp, b, gather=s.rep))
   toks = np.random.default_rng(0).integers(4, 40, (8, 6)).astype(np.int32)
   batch = {"tokens": jnp.asarray(toks), "loss_mask": jnp.asarray(np.tile([0, 0, 0, 1, 1, 1], (8, 1)))}
+  lams = []
   for _ in range(2):  # step 0 has lr 0 (warm-up)
     state, metrics = fn(state, tp, sp, batch)
+    lams.append(float(metrics["lambda"]))
+  assert lams == [0.5 * 1 / 4, 0.5 * 2 / 4]  # lambda ramps over lam_warmup steps
   assert np.isfinite(float(metrics["loss"])) and "reward" in metrics
   after = jax.device_get(state["params"])
   moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
@@ -159,7 +168,9 @@ def test_ks_step_trains_only_the_new_expert():
     m = dict(jax.tree_util.tree_flatten_with_path(moved)[0])[path]
     if not on:
       assert not m, f"frozen {jax.tree_util.keystr(path)} changed"
-  assert moved["groups"][0]["levels"][1]["experts"][0]["b"]
+  assert moved["groups"][0]["levels"][1]["experts"][0]["b"] and moved["groups"][0]["levels"][1]["experts"][1]["b"]
+  with pytest.raises(ConfigError, match="seeding.experts"):
+    seed_run.expansion_slots(sp, s.roles, 1, 2)  # 2 slots, both active: only the last can train
 
 
 def test_cms_levels_update_at_their_frequencies():
@@ -201,3 +212,14 @@ def test_seed_cli_student_on_another_mesh_runs_and_resumes(tmp_path):
   bad = subprocess.run(cmd[:-1] + ["seeding.methods=[ks,dream]"], env=subprocess_env(8), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "unknown method 'dream'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_over_seeds_reports_mean_and_spread_per_method():
+  per_seed = [[{"method": "ks", "accuracy": a, "new_accuracy": n, "old_accuracy": 1.0, "divergence_to_teacher": 0.1,
+                "wall_s": 2.0}] for a, n in ((0.5, 0.25), (0.7, 0.75))]
+  (row,) = seed_run.over_seeds(per_seed)
+  assert row["method"] == "ks" and row["seeds"] == 2 and row["wall_s"] == 4.0
+  assert row["accuracy"] == 0.6 and row["accuracy_std"] == 0.1
+  assert row["new_accuracy"] == 0.5 and row["new_accuracy_std"] == 0.25 and row["old_accuracy_std"] == 0.0
+  assert [r["new_accuracy"] for r in row["per_seed"]] == [0.25, 0.75]
+  assert "0.500 ± 0.250" in report.markdown([row])

@@ -1,13 +1,15 @@
 """The knowledge-seeding methods compared in experiments/results/knowledge_seeding.json.
 
 Every method starts from the same grown student (fast experts reset, so it has lost the new
-facts) and trains for `seeding.steps` steps on the same teacher-sampled data D:
+facts) and trains for `seeding.steps` steps on the same teacher-sampled data D. "New
+expert(s)": the `seeding.experts` slow-level slots the student activates (B = 0, so exact):
 
   teacher       the teacher itself (old facts in its weights, new facts in its fast expert)
   expanded      the grown student before consolidation (no training)
-  sft           cross-entropy on the teacher's samples D (off-policy, hard labels), new expert
+  sft           cross-entropy on the teacher's samples D (off-policy, hard labels), new expert(s)
   opd           on-policy distillation alone: lambda = 1, alpha = 1, new expert
-  ks            Knowledge Seeding: lambda = seeding.lam, alpha = seeding.alpha (imitation RL on), new expert
+  ks            Knowledge Seeding: lambda = seeding.lam (ramped over seeding.lam_warmup steps),
+                alpha = seeding.alpha (imitation RL on), new expert(s)
   no_imitation  ablation: ks with alpha = 1 (no Learning-to-Imitate term)
   no_expansion  ablation: ks objective, no new expert: the slow level's existing MLP trains
 """
@@ -26,9 +28,9 @@ def method_spec(name: str, sc: SeedingConfig) -> dict:
       "expanded": dict(kind="none", train="nothing"),
       "sft": dict(kind="sft", lam=0.0, alpha=1.0, train="expert"),
       "opd": dict(kind="ks", lam=1.0, alpha=1.0, train="expert"),
-      "ks": dict(kind="ks", lam=sc.lam, alpha=sc.alpha, train="expert"),
-      "no_imitation": dict(kind="ks", lam=sc.lam, alpha=1.0, train="expert"),
-      "no_expansion": dict(kind="ks", lam=sc.lam, alpha=sc.alpha, train="slow_mlp"),
+      "ks": dict(kind="ks", lam=sc.lam, alpha=sc.alpha, lam_warmup=sc.lam_warmup, train="expert"),
+      "no_imitation": dict(kind="ks", lam=sc.lam, alpha=1.0, lam_warmup=sc.lam_warmup, train="expert"),
+      "no_expansion": dict(kind="ks", lam=sc.lam, alpha=sc.alpha, lam_warmup=sc.lam_warmup, train="slow_mlp"),
   }
   if name not in specs:
     raise ConfigError(f"bad value for config key 'seeding.methods': unknown method {name!r} (known: {', '.join(METHODS)})")
@@ -40,5 +42,11 @@ def check_methods(sc: SeedingConfig) -> None:
     method_spec(name, sc)
   if not 0.0 <= sc.lam <= 1.0 or not 0.0 <= sc.alpha <= 1.0 or not 0.0 <= sc.gamma <= 1.0:
     raise ConfigError("bad value for config key 'seeding.lam': lam, alpha and gamma must lie in [0, 1]")
+  if sc.seeds < 1:
+    raise ConfigError("bad value for config key 'seeding.seeds': need at least 1")
+  if sc.lam_warmup < 0:
+    raise ConfigError("bad value for config key 'seeding.lam_warmup': must be >= 0 (steps)")
+  if sc.experts < 1:
+    raise ConfigError("bad value for config key 'seeding.experts': need at least 1")
   if sc.group_size < 2 or sc.batch_size % sc.group_size:
     raise ConfigError("bad value for config key 'seeding.group_size': >= 2 and must divide seeding.batch_size")

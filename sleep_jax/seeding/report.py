@@ -9,9 +9,19 @@ COLUMNS = ("method", "accuracy", "new_accuracy", "old_accuracy", "divergence_to_
 
 
 def markdown(rows: list[dict]) -> str:
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+  """The results table; with several seeds a cell reads `mean ± std`."""
+  def cell(r, c):
+    v = r.get(c, "")
+    if not isinstance(v, float):
+      return str(v)
+    std = r.get(f"{c}_std")
+    return f"{v:.3f} ± {std:.3f}" if std is not None and r.get("seeds", 1) > 1 else f"{v:.3f}"
+
+  seeds = max(r.get("seeds", 1) for r in rows)
+  lines = [f"Mean ± standard deviation over {seeds} seeds (each its own teacher, student and samples).", ""] \
+      if seeds > 1 else []
+  lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
   return "\n".join(lines) + "\n"
 
 
@@ -25,8 +35,11 @@ def plot(rows: list[dict], path: str) -> None:
   x = range(len(rows))
   fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.5))
   w = 0.38
-  ax.bar([i - w / 2 for i in x], [r["new_accuracy"] for r in rows], w, label="new facts (consolidated)")
-  ax.bar([i + w / 2 for i in x], [r["old_accuracy"] for r in rows], w, label="old facts (kept)")
+  err = lambda k: [r.get(f"{k}_std", 0.0) for r in rows]
+  ax.bar([i - w / 2 for i in x], [r["new_accuracy"] for r in rows], w, yerr=err("new_accuracy"), capsize=3,
+         label="new facts (consolidated)")
+  ax.bar([i + w / 2 for i in x], [r["old_accuracy"] for r in rows], w, yerr=err("old_accuracy"), capsize=3,
+         label="old facts (kept)")
   ax.set_xticks(list(x), names)
   ax.set_ylim(0, 1.05)
   ax.set_ylabel("exact-match accuracy")

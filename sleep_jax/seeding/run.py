@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
 from sleep_jax.data.facts import FactWorld, world_from_config
 from sleep_jax.loop import check_saved_config, write_config
+from sleep_jax.models import roles
 from sleep_jax.seeding import expand, report, steps
 from sleep_jax.seeding.methods import check_methods, method_spec
 from sleep_jax.seeding.pipeline import (ModelOnMesh, divergence_to_teacher, expand_student, scores,
@@ -39,18 +41,32 @@ def _timed(path: str, fn):
   return out, wall
 
 
+def expansion_slots(params, param_roles, level: int, n: int) -> list[int]:
+  """The slots a consolidation trains: the student's new expert (the last active slot of
+  `level`) and the next n - 1 free ones."""
+  host = jax.device_get(params)
+  first = expand.active_slots(host, param_roles, level)[-1]
+  free = [e for e in range(roles.expert_slots(param_roles)) if e not in expand.active_slots(host, param_roles, level)]
+  if len(free) < n - 1:
+    raise ConfigError(f"bad value for config key 'seeding.experts': {n} experts asked, the student's slow level has "
+                      f"{len(free) + 1} slots left (model.cms.experts)")
+  return [first, *free[:n - 1]]
+
+
 def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_params, student_params,
                 D: dict[str, np.ndarray], world: FactWorld):
   """Train the student by method `name`; returns its final parameters."""
   sc, spec = cfg.seeding, method_spec(name, cfg.seeding)
   slow = len(cfg.model.cms.d_ff) - 1
   params = student_params
+  new_slots = expansion_slots(params, s.roles, slow, sc.experts)
   if spec["train"] == "slow_mlp":  # no expansion: undo the new expert, train existing weights
-    slot = expand.active_slots(jax.device_get(params), s.roles, slow)[-1]
-    params = expand.set_expert(params, s.roles, slow, slot, active=False)
+    params = expand.set_expert(params, s.roles, slow, new_slots[0], active=False)
     train = steps.trainable(s.roles, level=slow, slot=None)
   else:
-    train = steps.trainable(s.roles, level=slow, slot=expand.active_slots(jax.device_get(params), s.roles, slow)[-1])
+    for slot in new_slots[1:]:  # B = 0: activating more slots changes nothing until they train
+      params = expand.set_expert(params, s.roles, slow, slot, active=True)
+    train = steps.trainable(s.roles, level=slow, slot=new_slots)
   tx = steps.masked_optimizer(train, sc.lr, sc.steps)
   # One stream for every method: they differ by method, not by their random draws.
   shardings, abstract, make = s.train_state(tx, rng_streams.raw_key(cfg.seed, "seeding/consolidate"))
@@ -60,7 +76,7 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
                  out_shardings=(shardings, s.rep), donate_argnums=(0,))
     call = fn
   else:
-    hp = {"lam": spec["lam"], "alpha": spec["alpha"]}
+    hp = {"lam": spec["lam"], "alpha": spec["alpha"], "lam_warmup": spec.get("lam_warmup", 0)}
     fn = steps.jit_step(functools.partial(steps.ks_step, s.graphdef, t.graphdef, tx, cfg, s.cfg, hp, gather=s.rep),
                         shardings,
                         (t.on(s.mesh), s.shardings), bsh, s.rep)
@@ -94,10 +110,38 @@ def run_seed(cfg: Config) -> list[dict]:
   with run_lock.hold(cfg.run_dir, what="seed", process=jax.process_index()):
     check_saved_config(cfg)
     write_config(cfg)
-    return _run_seed(cfg, world, t, s)
+    if cfg.seeding.seeds == 1:
+      return _run_seed(cfg, world, t, s)
+    per_seed = [_run_seed(dataclasses.replace(cfg, seed=cfg.seed + i, run_dir=os.path.join(cfg.run_dir, f"seed{i}")),
+                          world, t, s) for i in range(cfg.seeding.seeds)]
+    rows = over_seeds(per_seed)
+    if jax.process_index() == 0:
+      report.write(cfg.run_dir, rows)
+    return rows
 
 
-def _run_seed(cfg: Config, world: FactWorld, t: ModelOnMesh, s: ModelOnMesh) -> list[dict]:
+METRICS = ("accuracy", "new_accuracy", "old_accuracy", "divergence_to_teacher")
+
+
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+  """One row per method: each metric's mean over seeds, its standard deviation
+  (`<metric>_std`), the per-seed values, and the total wall time."""
+  rows = []
+  for i, first in enumerate(per_seed[0]):
+    runs = [rows_s[i] for rows_s in per_seed]
+    row = {"method": first["method"], "seeds": len(runs)}
+    for k in METRICS:
+      v = np.array([r[k] for r in runs], np.float64)
+      row[k], row[f"{k}_std"] = round(float(v.mean()), 4), round(float(v.std()), 4)
+    row["wall_s"] = round(float(sum(r["wall_s"] for r in runs)), 1)
+    row["per_seed"] = [{k: r[k] for k in METRICS} for r in runs]
+    rows.append(row)
+  return rows
+
+
+def prepare(cfg: Config, world: FactWorld, t: ModelOnMesh, s: ModelOnMesh):
+  """The stages every method shares, each resumed if done: (teacher params, teacher wall
+  time, grown student params, expansion max |logits diff|, teacher samples D)."""
   rd = cfg.run_dir
   teacher_params, t_wall = _timed(os.path.join(rd, "teacher", "wall.json"), lambda: train_teacher(cfg, world, t))
 
@@ -112,7 +156,12 @@ def _run_seed(cfg: Config, world: FactWorld, t: ModelOnMesh, s: ModelOnMesh) -> 
   ck.close()
   log.info("expansion: max |student - teacher| logits = %.2e before the fast experts were reset", diff)
   D = teacher_samples(cfg, world, t, teacher_params)
+  return teacher_params, t_wall, student_params, diff, D
 
+
+def _run_seed(cfg: Config, world: FactWorld, t: ModelOnMesh, s: ModelOnMesh) -> list[dict]:
+  rd = cfg.run_dir
+  teacher_params, t_wall, student_params, diff, D = prepare(cfg, world, t, s)
   rows = []
   for name in cfg.seeding.methods:
     out = os.path.join(rd, "methods", name, "eval.json")

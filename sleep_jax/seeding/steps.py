@@ -17,7 +17,7 @@ L_KS step (maximises (1 - alpha) E[r] - alpha D(T||S)), all in ONE jitted step:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +57,18 @@ def _target_logp(out, targets_BT, chunk: int):
   return distill.sequence_log_probs(out, targets_BT)
 
 
-def trainable(param_roles: dict, *, level: int, slot: int | None) -> Any:
-  """True for expert `slot` of CMS `level` (slot None: that level's base MLP), else False
-  (models/roles.py: chosen by each parameter's role, on any architecture)."""
+def trainable(param_roles: dict, *, level: int, slot: int | Sequence[int] | None) -> Any:
+  """True for expert `slot` (or every slot in a sequence of them) of CMS `level` (slot None:
+  that level's base MLP), else False (models/roles.py: chosen by each parameter's role, on
+  any architecture)."""
+  slots = None if slot is None else {slot} if isinstance(slot, int) else set(slot)
+
   def train(r):
     if r.cms_level != level or not r.trainable:
       return False
-    if slot is None:
+    if slots is None:
       return r.cms_part == "mlp"
-    return r.expert_slot == slot
+    return r.cms_part == "expert" and r.expert_slot in slots
 
   return roles.labels(param_roles, train)
 
@@ -98,7 +101,8 @@ def _teacher_lp(teacher, seq_BT, mask_BT, chunk: int):
 
 def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, state, teacher_params, ref_params,
             batch, *, gather=None):
-  """One L_KS step. hp: lam, alpha (the method's), from methods.py. gather: a replicated
+  """One L_KS step. hp: lam, alpha, lam_warmup (the method's), from methods.py; lambda ramps
+  linearly from 0 to lam over the first lam_warmup steps (0: constant). gather: a replicated
   sharding for the weights the samplers use, so no collective runs inside the decoding
   loops (XLA:CPU's in-process collectives inside while loops deadlocked on fake devices)."""
   sc = cfg.seeding
@@ -142,7 +146,11 @@ def ks_step(s_graphdef, t_graphdef, tx, cfg: Config, scfg: Config, hp: dict, sta
     d = m["distill_off"]
     if lam > 0:
       m["distill_on"] = losses.masked_mean(_divergence(div, t_on, student(y_on[:, :-1]), chunk), mask[:, 1:])
-      d = (1.0 - lam) * d + lam * m["distill_on"]
+      lam_t = lam
+      if hp.get("lam_warmup", 0) > 0:
+        lam_t = lam * jnp.minimum(1.0, (state["step"] + 1).astype(jnp.float32) / hp["lam_warmup"])
+      m["lambda"] = jnp.asarray(lam_t, jnp.float32)
+      d = (1.0 - lam_t) * d + lam_t * m["distill_on"]
     loss = d
     if alpha < 1:
       lp = _target_logp(student(comp[:, :-1]), comp[:, 1:], chunk)
