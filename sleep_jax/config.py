@@ -197,6 +197,9 @@ class SeedingConfig:
   # carry little signal until off-policy distillation has taught it something. 0: constant.
   lam_warmup: int = 0
   experts: int = 1  # slow-level expert slots the student activates and trains (capacity; B = 0 each)
+  # random: the experts' input projections A as initialised; mlp: A copies gate columns of the
+  # level's own MLP (keys the layer already computes; exact, B = 0): see expand.init_experts_from_mlp
+  expert_init: str = "random"
   alpha: float = 0.5  # L_KS weight of the divergence (1 - alpha: imitation reward)
   divergence: str = "fkl"  # fkl | rkl | jsd (jsd saturates when teacher and student disagree)
   jsd_beta: float = 0.5

@@ -81,6 +81,24 @@ def test_model_growth_preserves_logits(attn_conv):
   assert not np.any(np.asarray(last["attn"]["wo"])) and not np.any(np.asarray(last["levels"][0]["mlp"]["w_down"]))
 
 
+def test_experts_warm_started_from_the_mlp_preserve_logits_and_copy_its_gate_columns():
+  cfg = _cfg()
+  R = roles.roles_for(cfg)
+  _, params = _params_with_trained_fast_expert(cfg)
+  for slot in (0, 1):
+    params = expand.set_expert(params, R, 1, slot, active=True)
+  before = _logits(cfg, params, TOKENS)
+  warm = expand.init_experts_from_mlp(params, R, 1, [0, 1])
+  chex.assert_trees_all_close(_logits(cfg, warm, TOKENS), before, atol=1e-6)  # B = 0: same function
+  level = warm["groups"][0]["levels"][1]
+  gate, r = np.asarray(level["mlp"]["w_gate"]), cfg.model.cms.rank
+  for j in (0, 1):  # [layers, d, r]: slot j holds neurons j*r .. (j+1)*r - 1 of every layer
+    np.testing.assert_array_equal(np.asarray(level["experts"][j]["a"]), gate[..., j * r:(j + 1) * r])
+  # The fast level and the untouched parts are the same arrays as before.
+  chex.assert_trees_all_equal(warm["groups"][0]["levels"][0], params["groups"][0]["levels"][0])
+  chex.assert_trees_all_equal(level["mlp"], params["groups"][0]["levels"][1]["mlp"])
+
+
 def test_reset_level_removes_the_fast_expert():
   cfg = _cfg()
   _, params = _params_with_trained_fast_expert(cfg)

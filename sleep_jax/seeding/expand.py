@@ -51,6 +51,37 @@ def set_expert(params: dict, param_roles: dict, level: int, slot: int, *, active
   return roles.edit(params, param_roles, edit)
 
 
+def init_experts_from_mlp(params: dict, param_roles: dict, level: int, slots: list[int]) -> dict:
+  """Warm-start experts `slots` of CMS `level`: the input projection A of the j-th slot
+  copies gate columns j*r .. (j+1)*r - 1 (mod d_ff) of the same layer's level MLP, so the
+  expert starts from keys the layer already computes (its neurons' gate pre-activations)
+  instead of random ones; B stays 0, so the function does not change (Net2Net-style
+  function-preserving growth). Each A is paired with the gate projection of its own level
+  module: the one whose tree path shares the longest prefix with it (structure, not names)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flat_roles = jax.tree.leaves(param_roles, is_leaf=roles.is_role)
+  gates = [(path, x) for (path, x), r in zip(flat, flat_roles)
+           if r.cms_level == level and r.cms_part == "mlp" and r.proj == "gate"]
+  if not gates:
+    raise ValueError(f"CMS level {level} has no MLP gate projection to copy")
+
+  def shared(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+      n += 1
+    return n
+
+  out = []
+  for (path, x), r in zip(flat, flat_roles):
+    if r.cms_level == level and r.cms_part == "expert" and r.proj == "a" and r.expert_slot in slots:
+      gate = max(gates, key=lambda g: shared(g[0], path))[1]  # [(L,) d, d_ff]
+      rank, d_ff = x.shape[-1], gate.shape[-1]
+      j = slots.index(r.expert_slot)
+      x = jnp.take(gate, (j * rank + jnp.arange(rank)) % d_ff, axis=-1).astype(x.dtype)
+    out.append(x)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def reset_level(params: dict, param_roles: dict, level: int) -> dict:
   """Synaptic pruning: every added expert of `level` inactive with B = 0."""
   for slot in range(roles.expert_slots(param_roles)):

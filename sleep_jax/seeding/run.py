@@ -66,6 +66,9 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
   else:
     for slot in new_slots[1:]:  # B = 0: activating more slots changes nothing until they train
       params = expand.set_expert(params, s.roles, slow, slot, active=True)
+    if sc.expert_init == "mlp":
+      params = jax.jit(functools.partial(expand.init_experts_from_mlp, param_roles=s.roles, level=slow,
+                                         slots=new_slots), out_shardings=s.shardings)(params)
     train = steps.trainable(s.roles, level=slow, slot=new_slots)
   tx = steps.masked_optimizer(train, sc.lr, sc.steps)
   # One stream for every method: they differ by method, not by their random draws.
