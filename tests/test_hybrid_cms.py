@@ -129,7 +129,8 @@ def test_dreaming_reads_through_the_sleeping_forward():
   span = world.qa_per_example * world.attr_len
   relabelled = jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span, cfg=cfg))(rows, rmask)
   i, _, m2 = losses.next_token(relabelled, rmask)
-  pred = np.argmax(np.asarray(forward(model, i, m2, cfg, training=False)[0]), -1)
+  infer = jit(lambda t, m: forward(model, t, m, cfg, training=False)[0])
+  pred = np.argmax(np.asarray(infer(i, m2)), -1)
   np.testing.assert_array_equal(pred[np.asarray(m2) > 0], np.asarray(relabelled)[:, 1:][np.asarray(m2) > 0])
   # Dreams: greedy samples after `passage QUERY` (the sampler sleeps on each chunk as it
   # reads) are the forward's argmax over `passage QUERY dream`, and ReST-EM's loss is its CE.
@@ -139,14 +140,14 @@ def test_dreaming_reads_through_the_sleeping_forward():
   seq = jnp.concatenate([jnp.broadcast_to(prompt[:-1], (2, prompt.shape[0] - 1)), dreams], 1)
   P = prompt.shape[0]
   dm = jnp.broadcast_to((jnp.arange(seq.shape[1]) >= P).astype(jnp.int32), seq.shape)
-  lg = forward(model, seq[:, :-1], dm[:, 1:], cfg, training=False)[0]
+  lg = infer(seq[:, :-1], dm[:, 1:])
   np.testing.assert_array_equal(np.argmax(np.asarray(lg), -1)[:, P - 1:], np.asarray(seq)[:, P:])
-  rest = D.rest_em_loss(graphdef, params, lora_lib.init(params, roles.roles_for(cfg), jax.random.key(3), 2), prompt,
-                        dreams, jnp.ones(2), alpha=4.0, cfg=cfg)
+  gen = lora_lib.init(params, roles.roles_for(cfg), jax.random.key(3), 2)
+  rest = jit(lambda g, d: D.rest_em_loss(graphdef, params, g, prompt, d, jnp.ones(2), alpha=4.0, cfg=cfg))(gen, dreams)
   np.testing.assert_allclose(float(rest), float(losses.masked_ce(lg, seq[:, 1:], dm[:, 1:])), rtol=1e-5)
   # A closed-book probe (one chunk) reads the same through either path.
   probes, pmask = (jnp.asarray(a) for a in world.probes(pairs))
-  acc_f, loss_f = D.probe_scores(graphdef, params, probes, pmask, cfg=cfg)
-  acc_1, loss_1 = D.probe_scores(graphdef, params, probes, pmask, cfg=dataclasses.replace(
-      cfg, sleep=dataclasses.replace(cfg.sleep, passes=1)))
+  one_pass = dataclasses.replace(cfg, sleep=dataclasses.replace(cfg.sleep, passes=1))
+  acc_f, loss_f = jit(lambda t, m: D.probe_scores(graphdef, params, t, m, cfg=cfg))(probes, pmask)
+  acc_1, loss_1 = jit(lambda t, m: D.probe_scores(graphdef, params, t, m, cfg=one_pass))(probes, pmask)
   assert float(acc_f) == float(acc_1) and float(loss_f) == pytest.approx(float(loss_1), rel=1e-6)
