@@ -59,6 +59,10 @@ class ModelConfig:
   scan_layers: bool = True  # stacked parameters + lax.scan over layers
   init_std: float = 0.02
   cms: CMSConfig = field(default_factory=CMSConfig)
+  # Every layer's MLP: "swiglu", or "cms" (the chain of CMS levels `cms`, with expert slots),
+  # on any layer list (kind hybrid + mlp cms: a GDN/attention hybrid with CMS levels).
+  # "": by kind (cms for kind cms, else swiglu).
+  mlp: str = ""
   # -- architecture options of real (Hugging Face) models; the defaults are sleep_jax's own --
   n_kv_heads: int = 0  # grouped-query attention: key/value heads (0: n_heads)
   qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3)
@@ -294,6 +298,7 @@ _CHOICES = {
     "model.kind": ("transformer", "hybrid", "cms"),
     "seeding.divergence": ("fkl", "rkl", "jsd"),
     "model.eviction": ("none", "hard", "sliding"),
+    "model.mlp": ("", "swiglu", "cms"),
     "sleep.schedule": ("masked", "every_chunk"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "data.source": ("task", "text", "corpus"),
@@ -324,6 +329,9 @@ def _validate(cfg: Config) -> None:
   if cfg.model.kind == "hybrid" and not cfg.model.layer_pattern:
     raise ConfigError("bad value for config key 'model.layer_pattern': a hybrid model needs at least one layer")
   mc = cfg.model
+  if mc.kind == "cms" and mc.mlp == "swiglu":
+    raise ConfigError("bad value for config key 'model.mlp': model.kind=cms has CMS MLPs (use kind transformer "
+                      "for SwiGLU MLPs)")
   n_layers = mc.n_layers if mc.kind in ("transformer", "cms") else len(mc.layer_pattern) * mc.pattern_repeats
   if cfg.sleep.layers:
     lr = cfg.sleep.layers

@@ -43,10 +43,10 @@ def _dream_batch(world, n, seed=0):
   return D.closed_book(jnp.asarray(qa), jnp.asarray(world.attr_mask(world.qa_per_example)))
 
 
-def _train_merged(graphdef, params, adapter, tokens_T, mask_T, *, steps, lr, alpha):
+def _train_merged(graphdef, params, adapter, tokens_T, mask_T, *, steps, lr, alpha, cfg):
   """The oracle copy: LoRA SFT through the merged weight W + (alpha / r) A B."""
   tx = optax.adam(lr)
-  loss = lambda ad: D.sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None])
+  loss = lambda ad: D.sft_loss(graphdef, lora_lib.apply(params, ad, alpha=alpha), tokens_T[None], mask_T[None], cfg=cfg)
   ad, opt = adapter, tx.init(adapter)
   for _ in range(steps):
     upd, opt = tx.update(jax.grad(loss)(ad), opt, ad)
@@ -60,7 +60,7 @@ def test_vmapped_copies_equal_training_each_copy_alone(model):
   cfg, graphdef, params, world = model
   tokens, mask = _dream_batch(world, 3)
   adapters = jax.vmap(lambda k: lora_lib.init(params, roles.roles_for(cfg), k, 4))(jax.random.split(jax.random.key(1), 3))
-  kw = dict(steps=4, lr=1e-2, alpha=8.0)
+  kw = dict(steps=4, lr=1e-2, alpha=8.0, cfg=cfg)
   together = jax.jit(jax.vmap(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw)))(adapters, tokens, mask)
   alone = jax.jit(lambda a, t, m: D.train_copy(graphdef, params, a, t, m, **kw))
   merged = jax.jit(lambda a, t, m: _train_merged(graphdef, params, a, t, m, **kw))
@@ -92,7 +92,7 @@ def test_rest_em_update_uses_only_rewarded_dreams(model):
   gen = lora_lib.init(params, roles.roles_for(cfg), jax.random.key(2), 4)
   gen = jax.tree.map(lambda a: a + 0.01, gen)  # B != 0 so both factors get gradients
   weights = jnp.array([1.0, 0.0, 1.0, 0.0])
-  grad = lambda d: jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, d, weights, alpha=8.0))(gen)
+  grad = lambda d: jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, d, weights, alpha=8.0, cfg=cfg))(gen)
   scrambled = dreams.at[1].set(dreams[0]).at[3].set(jnp.flip(dreams[3]))  # change only unrewarded rows
   for x, y in zip(jax.tree.leaves(grad(dreams)), jax.tree.leaves(grad(scrambled))):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-7)
@@ -132,7 +132,7 @@ def test_sft_loop_moves_only_trainable_leaves(model):
   p = expand.set_expert(params, roles.roles_for(cfg), 1, 0, active=True)
   trainable = jax.tree_util.tree_map_with_path(lambda path, _: jnp.float32(
       "['levels'][1]['experts'][0]" in jax.tree_util.keystr(path) and "active" not in jax.tree_util.keystr(path)), p)
-  out = sft_loop(graphdef, p, tokens, mask, trainable, lr=1e-2, steps=3)
+  out = sft_loop(graphdef, p, tokens, mask, trainable, lr=1e-2, steps=3, cfg=cfg)
   for (path, a), b, t in zip(jax.tree_util.tree_flatten_with_path(p)[0], jax.tree.leaves(out), jax.tree.leaves(trainable)):
     if float(t) == 0:
       assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
@@ -148,10 +148,10 @@ def test_minibatch_write_draws_rows_by_loss_weight(model):
   tokens, mask = _dream_batch(world, 3, seed=2)
   mask = mask * jnp.array([0, 1, 0])[:, None]
   ones = jax.tree.map(lambda _: jnp.float32(1), params)
-  mb = sft_loop(graphdef, params, tokens, mask, ones, jax.random.key(4), lr=1e-2, steps=3, batch=5)
+  mb = sft_loop(graphdef, params, tokens, mask, ones, jax.random.key(4), lr=1e-2, steps=3, batch=5, cfg=cfg)
   # The row alone, as a batch of the minibatch's size (5 copies: the same mean loss), so both
   # sides run the same kernels and differ only if a drawn row is not row 1.
-  alone = sft_loop(graphdef, params, tokens[jnp.array([1] * 5)], mask[jnp.array([1] * 5)], ones, lr=1e-2, steps=3)
+  alone = sft_loop(graphdef, params, tokens[jnp.array([1] * 5)], mask[jnp.array([1] * 5)], ones, lr=1e-2, steps=3, cfg=cfg)
   for a, b in zip(jax.tree.leaves(mb), jax.tree.leaves(alone)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -200,7 +200,7 @@ def test_replay_targets_are_the_models_own_greedy_beliefs(model):
   cfg, graphdef, params, world = model
   tokens, mask = _dream_batch(world, 4, seed=3)
   span = int(np.asarray(mask[0]).sum())
-  out = jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span))(tokens, mask)
+  out = jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span, cfg=cfg))(tokens, mask)
   target = np.asarray(mask[:, 1:]).astype(bool)
   np.testing.assert_array_equal(np.asarray(out)[:, 1:][~target], np.asarray(tokens)[:, 1:][~target])
   np.testing.assert_array_equal(np.asarray(out)[:, 0], np.asarray(tokens)[:, 0])

@@ -124,9 +124,25 @@ def reference_pass(params, mc, L, h_LD, S, pos_L, prev_kv, lo=0, hi=None):
     else:
       y, kv[i] = _attention(lp["attn"], x, pos_L, prev_kv.get(i) if prev_kv else None, L, mc.rope_base)
     h_LD = h_LD + y
-    m, xm = lp["mlp"], _rms(h_LD, lp["mlp_norm"]["scale"])
-    h_LD = h_LD + (_silu(xm @ m["w_gate"]) * (xm @ m["w_up"])) @ m["w_down"]
+    if "levels" in lp:  # model.mlp = cms: the level chain, each SwiGLU + gated low-rank experts
+      for lv in _items(lp["levels"]):
+        xm = _rms(h_LD, lv["norm"]["scale"])
+        out = _swiglu(lv["mlp"], xm)
+        for e in _items(lv["experts"]):  # every expert, gated by active * sigmoid(router) (top_k = 0)
+          g = e["active"] / (1 + np.exp(-(xm @ e["gate"] + e["bias"])))
+          out = out + g[:, None] * (_silu(xm @ e["a"]) @ e["b"])
+        h_LD = h_LD + out
+    else:
+      h_LD = h_LD + _swiglu(lp["mlp"], _rms(h_LD, lp["mlp_norm"]["scale"]))
   return h_LD, S, kv
+
+
+def _items(xs):  # an nnx.List's pure dict: {0: .., 1: ..}
+  return [xs[k] for k in sorted(xs)] if isinstance(xs, dict) else list(xs)
+
+
+def _swiglu(m, x):
+  return (_silu(x @ m["w_gate"]) * (x @ m["w_up"])) @ m["w_down"]
 
 
 def reference_logits(params, cfg, tokens_BT, mask_BT, consolidate_BC=None):
@@ -261,6 +277,34 @@ def test_sleep_on_a_layer_range_matches_reference(eviction, layers):
   cfg_all = tiny_cfg(eviction, passes=3)
   cfg_all.model.pattern_repeats = 3
   assert np.abs(reference_logits(pure_params(model), cfg_all, tokens, mask) - want)[:, 8:].max() > 1e-3
+
+
+def test_cms_mlp_hybrid_with_sleep_passes_matches_reference():
+  """model.mlp = cms on a GDN/attention hybrid: every layer's MLP is the CMS level chain. With
+  hard eviction and 3 sleep passes it equals the float64 reference, with some experts active
+  (B != 0) as expansion leaves them, and with none (the plain level MLPs)."""
+  cfg = tiny_cfg("hard", passes=3)
+  cfg.model.mlp = "cms"
+  cfg.model.cms.d_ff, cfg.model.cms.update_every, cfg.model.cms.experts, cfg.model.cms.rank = [48, 32], [1, 4], 2, 4
+  model = make_model(cfg)
+  assert all(len(g.levels) == 2 and not hasattr(g, "mlp") for g in model.groups)
+  tokens, mask = rule110_like(T=28)
+  fwd = jit(lambda m, t, k: sleep_forward(m, t, k, cfg))
+  inactive = np.asarray(fwd(model, tokens, mask))
+  np.testing.assert_allclose(inactive, reference_logits(pure_params(model), cfg, tokens, mask), rtol=1e-4, atol=1e-4)
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(0)
+  for g in (0, 1):  # the attention group's slot 1 of level 0, the GDN group's slot 0 of level 1
+    e = pure["groups"][g]["levels"][g ^ 1]["experts"][g]
+    e["active"] = jnp.ones_like(e["active"])
+    e["b"] = jnp.asarray(rng.normal(0, 0.3, e["b"].shape), jnp.float32)
+    e["gate"] = jnp.asarray(rng.normal(0, 0.5, e["gate"].shape), jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  got = np.asarray(fwd(model, tokens, mask))
+  np.testing.assert_allclose(got, reference_logits(pure_params(model), cfg, tokens, mask), rtol=1e-4, atol=1e-4)
+  assert np.abs(got - inactive).max() > 1e-3  # the active experts really contribute
 
 
 @pytest.mark.parametrize("layers", [[], [1, 4]])

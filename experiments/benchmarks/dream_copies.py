@@ -60,7 +60,8 @@ def main() -> None:
   tokens, mask, _ = dreamer.dream(params, None, 0, jax.random.key(0))
   dc = cfg.dreaming
   # One copy's function on a [K, T] batch: one adapter, every dream, no per-copy work.
-  as_batch = jax.jit(functools.partial(D.train_copy, graphdef, steps=dc.copy_steps, lr=dc.copy_lr, alpha=dc.lora_alpha))
+  as_batch = jax.jit(functools.partial(D.train_copy, graphdef, steps=dc.copy_steps, lr=dc.copy_lr, alpha=dc.lora_alpha,
+                                       cfg=cfg))
   rows = []
   for k in ks:
     t, m = tokens[:k], mask[:k]

@@ -98,6 +98,25 @@ class DayWorld:
     mask[:, 4:] = 1
     return tokens, mask
 
+  def reading_probes(self, pairs_F2, attrs_FA) -> tuple[np.ndarray, np.ndarray]:
+    """In-context probes in the pre-training reading layout: the passage of these facts, then
+    qa_per_example of them restated as QA; row f restates facts f, f+1, .. (mod F), so every
+    fact is asked at every QA position. Mask on the restated attributes. [F, T] each."""
+    F, q = len(pairs_F2), self.qa_per_example
+    if F < q:
+      raise ValueError(f"reading probes need at least qa_per_example={q} facts, got {F}")
+    passage, qa = self.passage(pairs_F2, attrs_FA), self.qa(pairs_F2, attrs_FA)
+    rows = np.stack([np.concatenate([passage, qa[(f + np.arange(q)) % F].reshape(-1)]) for f in range(F)])
+    mask = np.concatenate([np.zeros(len(passage), np.int32), self.attr_mask(q)])
+    return rows.astype(np.int32), np.broadcast_to(mask, rows.shape).copy()
+
+  def fresh_facts(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs [F, 2], attrs [F, A]) of a pre-training style passage: per_day reading-pool
+    entities under fresh random attributes."""
+    ents = self.n_old + rng.choice(self.n_pool, self.per_day, replace=False)
+    pairs = np.stack(np.meshgrid(ents, np.arange(self.n_relations), indexing="ij"), -1).reshape(-1, 2)
+    return pairs, rng.integers(0, self.n_symbols, (len(pairs), self.attr_len))
+
   def attr_mask(self, n_stmts: int) -> np.ndarray:
     """Loss mask over QA statements [n_stmts * stmt_len]: the attribute symbols."""
     unit = np.zeros(self.stmt_len, np.int32)
@@ -121,9 +140,7 @@ class DayWorld:
         # `BOS QUERY` unprompted must be the facts it knows (generative replay samples there).
         mask[b, 1:len(seq)] = 1
       else:  # reading: a passage with fresh attributes, then some of its facts restated
-        ents = self.n_old + rng.choice(self.n_pool, self.per_day, replace=False)
-        pairs = np.stack(np.meshgrid(ents, np.arange(self.n_relations), indexing="ij"), -1).reshape(-1, 2)
-        attrs = rng.integers(0, self.n_symbols, (len(pairs), self.attr_len))
+        pairs, attrs = self.fresh_facts(rng)
         ask = rng.choice(len(pairs), q, replace=False)
         tokens[b] = np.concatenate([self.passage(pairs, attrs), self.qa(pairs[ask], attrs[ask]).reshape(-1)])
         # Entity and relation of a restated fact are the writer's choice (a uniform pick is

@@ -36,7 +36,7 @@ from sleep_jax.seeding import expand, steps as seed_steps
 METHODS = ("base", "finetune", "dream", "sleep")
 
 
-def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: float, steps: int, batch: int = 0):
+def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: float, steps: int, batch: int = 0, cfg):
   """`steps` Adam steps of SFT as one lax.scan (one compile for every day). Only leaves with
   trainable = 1 move (freeze.masked): the others stay bit-identical.
 
@@ -56,7 +56,7 @@ def sft_loop(graphdef, params, tokens_BT, mask_BT, trainable, rng=None, *, lr: f
     if batch:
       idx = jax.random.choice(key, tokens_BT.shape[0], (batch,), p=rows_p)
       t, m = t[idx], (m[idx] > 0).astype(m.dtype)
-    upd, opt = tx.update(jax.grad(D.sft_loss, argnums=1)(graphdef, p, t, m), opt, p)
+    upd, opt = tx.update(jax.grad(functools.partial(D.sft_loss, cfg=cfg), argnums=1)(graphdef, p, t, m), opt, p)
     return (optax.apply_updates(p, upd), opt), None
 
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, steps)
@@ -75,17 +75,18 @@ class Dreamer:
     self.attr_mask = jnp.asarray(world.attr_mask(world.qa_per_example))
     self.sample = jax.jit(functools.partial(D.sample_dreams, graphdef, cfg=cfg, m=dc.dreams, length=world.dream_len,
                                             temperature=dc.dream_temperature, novelty=dc.novelty_expert))
-    self.importance = jax.jit(functools.partial(D.importance, graphdef))
-    copy = functools.partial(D.train_copy, graphdef, steps=dc.copy_steps, lr=dc.copy_lr, alpha=self.alpha)
+    self.importance = jax.jit(functools.partial(D.importance, graphdef, cfg=cfg))
+    copy = functools.partial(D.train_copy, graphdef, steps=dc.copy_steps, lr=dc.copy_lr, alpha=self.alpha, cfg=cfg)
     self.copy_one = jax.jit(copy)
     self.copies = jax.jit(jax.vmap(copy, in_axes=(None, 0, 0, 0)))
-    self.rewards = jax.jit(functools.partial(D.copy_rewards, graphdef, alpha=self.alpha))
-    self.probe = jax.jit(functools.partial(D.probe_scores, graphdef))
+    self.rewards = jax.jit(functools.partial(D.copy_rewards, graphdef, alpha=self.alpha, cfg=cfg))
+    self.probe = jax.jit(functools.partial(D.probe_scores, graphdef, cfg=cfg))
     rest_tx = optax.adam(dc.rest_lr)
     self.rest_tx = rest_tx
 
     def rest_step(params, gen, opt, prompt, dreams, weights):
-      g = jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, dreams, weights, alpha=self.alpha))(gen)
+      g = jax.grad(lambda a: D.rest_em_loss(graphdef, params, a, prompt, dreams, weights, alpha=self.alpha,
+                                            cfg=cfg))(gen)
       upd, opt = rest_tx.update(g, opt, gen)
       return optax.apply_updates(gen, upd), opt
 
@@ -94,10 +95,11 @@ class Dreamer:
     self.replay = jax.jit(lambda p, rng: D.sample_dreams(
         graphdef, p, start, rng, cfg=cfg, m=max(dc.replay, 1), length=world.dream_len, temperature=1.0,
         novelty=False))
-    self.relabel = jax.jit(functools.partial(D.greedy_targets, graphdef, span=world.qa_per_example * world.attr_len))
+    self.relabel = jax.jit(functools.partial(D.greedy_targets, graphdef, span=world.qa_per_example * world.attr_len,
+                                             cfg=cfg))
     self.sft_expert = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.write_lr, steps=dc.write_steps,
-                                                batch=dc.write_batch))
-    self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps))
+                                                batch=dc.write_batch, cfg=cfg))
+    self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps, cfg=cfg))
 
   # -- one day of each method -------------------------------------------------------------
   def dream(self, params, gen, day: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

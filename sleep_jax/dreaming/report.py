@@ -8,7 +8,7 @@ import os
 COLUMNS = ("method", "new_accuracy", "old_accuracy", "backward_transfer", "forgetting", "wall_s")
 
 
-def markdown(rows: list[dict], speed: dict | None = None) -> str:
+def markdown(rows: list[dict], speed: dict | None = None, reading: dict | None = None) -> str:
   """The results table; with several dreaming seeds a cell reads `mean ± std`."""
   def cell(r, c):
     v = r.get(c, "")
@@ -24,6 +24,13 @@ def markdown(rows: list[dict], speed: dict | None = None) -> str:
   if speed:
     lines += ["", f"Isolated copies: vmapped vs a sequential loop, speed-up {speed['speedup']:.2f}x "
                   f"({speed['copies']} copies; {speed['vmapped_s']:.3f} s vs {speed['sequential_s']:.3f} s)."]
+  if reading:
+    how = (f"across eviction: chunks of {reading['chunk_len']}, {reading['passes']} sleep passes"
+           if reading["sleeps"] else "one causal pass")
+    lines += ["", f"Base model, in-context reading ({how}; passage of {reading['passage_len']} tokens): "
+                  f"{reading['reading_days']:.3f} of the days' restated facts, {reading['reading_fresh']:.3f} on "
+                  f"fresh passages (sleep.passes=1: {reading['reading_days_passes1']:.3f} / "
+                  f"{reading['reading_fresh_passes1']:.3f}); old facts closed-book {reading['old_closed_book']:.3f}."]
   return "\n".join(lines) + "\n"
 
 
@@ -53,9 +60,9 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-def write(run_dir: str, rows: list[dict], speed: dict | None = None) -> None:
+def write(run_dir: str, rows: list[dict], speed: dict | None = None, reading: dict | None = None) -> None:
   with open(os.path.join(run_dir, "results.json"), "w") as f:  # the speed-up stays in vmap_speedup.json
     json.dump(rows, f, indent=2)
   with open(os.path.join(run_dir, "results.md"), "w") as f:
-    f.write(markdown(rows, speed))
+    f.write(markdown(rows, speed, reading))
   plot(rows, os.path.join(run_dir, "results.png"))

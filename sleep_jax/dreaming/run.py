@@ -2,6 +2,8 @@
 
 RUN_DIR/
   base/                    pre-training stage (closed-book old facts + reading)
+  base_reading.json        the base model's in-context reading accuracy (through its own forward:
+                           for a sleeping hybrid, across the passage's eviction) and closed-book
   vmap_speedup.json        isolated copies: vmapped vs a sequential loop, same dreams
   methods/<m>/seed<s>/day<d>.json  accuracy on every day's facts and on the old facts after day d
   methods/<m>/seed<s>/checkpoints  params, generator adapter and its optimizer after each day
@@ -10,12 +12,14 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sleep_jax import distributed, engine, preflight, rng_streams, run_lock
@@ -25,9 +29,12 @@ from sleep_jax.config import Config, ConfigError
 from sleep_jax.data.days import DayWorld
 from sleep_jax.data.facts import world_from_config
 from sleep_jax.dreaming import lora as lora_lib
+from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import report
 from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
 from sleep_jax.loop import check_saved_config, write_config
+from sleep_jax.models import sleeps
+from sleep_jax.models.decoder import mlp_kind
 from sleep_jax.seeding.pipeline import stage, to_global
 from sleep_jax.train import Trainer
 
@@ -35,8 +42,9 @@ log = logging.getLogger("sleep_jax")
 
 
 def _check(cfg: Config) -> DayWorld:
-  if cfg.model.kind != "cms":
-    raise ConfigError("bad value for config key 'model.kind': dreaming needs 'cms'")
+  if mlp_kind(cfg.model) != "cms":  # days are written into slow-level CMS experts
+    raise ConfigError(f"bad value for config key 'model.mlp': dreaming needs CMS MLP levels (model.kind=cms, or "
+                      f"model.mlp=cms on a {cfg.model.kind}), got {mlp_kind(cfg.model)!r}")
   for m in cfg.dreaming.methods:
     if m not in METHODS:
       raise ConfigError(f"bad value for config key 'dreaming.methods': unknown method {m!r} (known: {', '.join(METHODS)})")
@@ -59,6 +67,31 @@ def pretrain(cfg: Config, world: DayWorld, trainer: Trainer):
                             step=trainer.train_step, batch=batch, steps=cfg.train.steps,
                             desc="base: old facts + reading"))
   return state["params"]
+
+
+def base_reading(cfg: Config, world: DayWorld, graphdef, params, n_fresh: int = 8) -> dict:
+  """The base model's reading, in context, through the forward it was trained with (a
+  sleeping hybrid reads the passage chunk by chunk, sleeps on each and evicts its KV cache
+  before the QA): share of restated statements right, on each day's passage and on n_fresh
+  passages of fresh random attributes; with the same weights at sleep.passes = 1 too (what
+  the sleep passes add), and the closed-book accuracy on the old facts."""
+  import dataclasses
+
+  stmt = functools.partial(D.statement_accuracy, start=world.passage_len, stmt_len=world.stmt_len)
+  rng = rng_streams.numpy(cfg.seed, "dreaming/base_reading")
+  fresh = [world.reading_probes(*world.fresh_facts(rng)) for _ in range(n_fresh)]
+  days = [world.reading_probes(p, world.facts.table[p[:, 0], p[:, 1]]) for p in map(world.day_pairs, range(world.days))]
+  one_pass = dataclasses.replace(cfg, sleep=dataclasses.replace(cfg.sleep, passes=1))
+  out = {"sleeps": sleeps(cfg), "chunk_len": cfg.sleep.chunk_len, "passes": cfg.sleep.passes,
+         "passage_len": world.passage_len}
+  for name, c in (("", cfg), ("_passes1", one_pass)):
+    acc = jax.jit(functools.partial(stmt, graphdef, cfg=c))
+    for what, rows in (("days", days), ("fresh", fresh)):
+      out[f"reading_{what}{name}"] = float(np.mean([acc(params, jnp.asarray(t), jnp.asarray(m)) for t, m in rows]))
+  probes, pmask = world.probes(world.old_pairs())
+  out["old_closed_book"] = float(jax.jit(functools.partial(D.probe_scores, graphdef, cfg=cfg))(
+      params, jnp.asarray(probes), jnp.asarray(pmask))[0])
+  return out
 
 
 def summarize(R: np.ndarray, old: float) -> dict:
@@ -144,6 +177,14 @@ def run_dream(cfg: Config) -> tuple[list[dict], dict]:
 
 def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dict], dict]:
   base_params = pretrain(cfg, world, trainer)
+  reading = base_reading(cfg, world, trainer.graphdef, base_params)
+  log.info("base reading (in context, %s): days %.3f fresh %.3f (sleep.passes=1: days %.3f fresh %.3f); "
+           "old closed-book %.3f", "across eviction, sleeping" if reading["sleeps"] else "one pass",
+           reading["reading_days"], reading["reading_fresh"], reading["reading_days_passes1"],
+           reading["reading_fresh_passes1"], reading["old_closed_book"])
+  if jax.process_index() == 0:
+    with open(os.path.join(cfg.run_dir, "base_reading.json"), "w") as f:
+      json.dump(reading, f, indent=2)
   dreamer = Dreamer(cfg, trainer.graphdef, world)
   speed_path = os.path.join(cfg.run_dir, "vmap_speedup.json")
   if os.path.exists(speed_path):
@@ -160,5 +201,5 @@ def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dic
           for m in cfg.dreaming.methods]
   rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
   if jax.process_index() == 0:
-    report.write(cfg.run_dir, rows, speed)
+    report.write(cfg.run_dir, rows, speed, reading)
   return rows, speed

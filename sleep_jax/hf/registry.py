@@ -163,7 +163,8 @@ def resolve_init_from(mc):
     return mc
   path = os.path.abspath(os.path.expanduser(mc.init_from))
   fields = {k: v for k, v in model_fields(read_hf_config(path)).items() if k in ARCH_FIELDS}
-  return dataclasses.replace(mc, **fields, init_from=path)
+  # The families' MLPs are dense SwiGLU: model.mlp is architecture too, by kind ("").
+  return dataclasses.replace(mc, **fields, mlp="", init_from=path)
 
 
 def _rope(hf: dict) -> tuple[float, dict, float]:
@@ -376,8 +377,8 @@ ARCH_FIELDS = ("kind", "vocab_size", "d_model", "n_heads", "n_kv_heads", "head_d
 
 def export_family(mc) -> Family:
   """The family a ModelConfig can be written as; HFError naming what has no equivalent."""
-  blockers = [f"model.{k}={getattr(mc, k)!r}" for k, bad in (("kind", mc.kind == "cms"), ("attn_conv", mc.attn_conv))
-              if bad]
+  blockers = [f"model.{k}={getattr(mc, k)!r}" for k, bad in (("kind", mc.kind == "cms"), ("mlp", mc.mlp == "cms"),
+                                                             ("attn_conv", mc.attn_conv)) if bad]
   if any(k.startswith("attn:") for k in mc.layer_pattern if mc.kind == "hybrid"):
     blockers.append("per-layer attention eviction in model.layer_pattern")
   if blockers:

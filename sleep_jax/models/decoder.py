@@ -5,8 +5,8 @@ Layer i is `pattern[i % P]`, repeated R times (P = len(pattern); a model with ir
 layers is one pattern of all its layers, R = 1). A mixer is `gdn` (Gated DeltaNet) or
 attention: `attn` (evicted as model.eviction says), `attn:none`, `attn:hard` or
 `attn:sliding` (its own eviction, e.g. full-attention layers beside sliding ones). Every
-layer is pre-norm mixer + pre-norm MLP (SwiGLU, or for model.kind = cms the chain of CMS
-levels with their experts). Parameters are stacked per pattern position: `groups[p]` holds
+layer is pre-norm mixer + pre-norm MLP (SwiGLU, or the chain of CMS levels with their
+experts: `mlp_kind`, model.mlp, by default cms for model.kind = cms, on any layer list). Parameters are stacked per pattern position: `groups[p]` holds
 the R layers of kind pattern[p] on a leading "layers" axis, and a run over full repeats is
 a `lax.scan` (optionally rematerialised per repeat), so compile time and activation memory
 do not grow with depth.
@@ -52,6 +52,12 @@ def layer_plan(mc) -> tuple[tuple[str, ...], int]:
   return tuple(mc.layer_pattern), mc.pattern_repeats
 
 
+def mlp_kind(mc) -> str:
+  """Every layer's MLP: "cms" (the CMS levels of model.cms) or "swiglu". model.mlp, or by
+  kind when it is "": cms for model.kind = cms, else swiglu."""
+  return mc.mlp or ("cms" if mc.kind == "cms" else "swiglu")
+
+
 def layer_kinds(mc) -> list[str]:
   pattern, R = layer_plan(mc)
   return [pattern[i % len(pattern)] for i in range(len(pattern) * R)]
@@ -92,7 +98,7 @@ class Layer(nnx.Module):
       self.attn = Attention(cfg, rngs=rngs)
       if conv_at == "after_attn":
         self.conv = short_conv(cfg, rngs)
-    if cfg.kind == "cms":
+    if mlp_kind(cfg) == "cms":
       self.levels = nnx.List([CMSLevel(cfg.d_model, f, cfg.cms, rngs=rngs, std=cfg.init_std, level=lvl)
                               for lvl, f in enumerate(cfg.cms.d_ff)])
     else:
