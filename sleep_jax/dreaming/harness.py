@@ -201,7 +201,7 @@ class Dreamer:
       replay = self.relabel(params, replay, rmask)
       tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
       weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
-    if memory is not None and dc.memory and float(jnp.sum(memory["weights"])) > 0:
+    if memory is not None and dc.memory:  # empty rows too (weight 0): one compiled write for every day
       mtok, mmask = D.closed_book(memory["tokens"][:, 1:], self.attr_mask)
       tokens = jnp.concatenate([tokens, self.relabel(params, mtok, mmask)])
       mask = jnp.concatenate([mask, mmask])
