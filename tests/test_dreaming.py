@@ -404,3 +404,13 @@ def test_dream_memory_survives_a_resume_and_day_two_matches(model, tmp_path, mon
   assert ja["day_accuracy"] == jb["day_accuracy"] and ja["old_accuracy"] == jb["old_accuracy"]
   w = np.asarray(a["memory"]["weights"]).reshape(world.days, 2)
   assert (w > 0).all()  # both nights' rows kept, the first night's through the checkpoint
+
+
+@pytest.mark.parametrize("key,value,says", [("generator", "both", "use 'per_day' or 'carried'"),
+                                            ("memory", "-1", "need memory >= 0")])
+def test_bad_generator_or_memory_is_one_config_error_naming_the_key(key, value, says):
+  from sleep_jax.config import ConfigError
+  from sleep_jax.dreaming.run import _check
+  with pytest.raises(ConfigError, match=f"dreaming.{key}'.*{says}"):
+    _check(load_config(DREAM_TINY, [f"dreaming.{key}={value}"]))
+  _check(load_config(DREAM_TINY))  # the defaults pass
