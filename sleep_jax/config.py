@@ -238,6 +238,11 @@ class DreamingConfig:
   copy_steps: int = 20  # LoRA SFT steps of each isolated copy
   copy_lr: float = 1.0e-2
   rounds: int = 2  # ReST-EM rounds
+  # The generator's LoRA (what ReST-EM trains) and its Adam state: "per_day" starts both
+  # fresh every day (the same init as day 0), so a night's ReST-EM rounds train it on that
+  # day's passage only; "carried" keeps them across days (trained on earlier days' passages
+  # too, it dreams worse on later days: search log, session 7).
+  generator: str = "per_day"
   rest_steps: int = 20  # generator fine-tuning steps per round, on rewarded dreams
   rest_lr: float = 3.0e-3
   write_steps: int = 100  # steps of the day's knowledge write (finetune, dream, sleep)
@@ -245,6 +250,12 @@ class DreamingConfig:
   write_batch: int = 0  # texts per write step, drawn by loss weight (0: every text, every step)
   replay: int = 16  # closed-book texts the model writes unprompted, rehearsed during a write (0: off)
   reading_replay: bool = True  # a write also rehearses the night's dreams in context (keeps reading intact)
+  # Dream memory (dream and sleep): after each night, up to `memory` of its closed-book
+  # dreams with weight > 0 (sleep: rewarded) are kept in the method's per-day state (picked to
+  # cover as many distinct entity-relation pairs as possible); every later write rehearses
+  # them with the model's current greedy beliefs as targets, so what earlier nights taught
+  # stays the target (the evicted passage is never kept). 0: off.
+  memory: int = 16
   write_targets: str = "attributes"  # closed-book write targets: "attributes" or whole "statements"
   rotate: bool = True  # a write sees each text in every cyclic order of its statements (dreams.rotations)
   finetune_lr: float = 1.0e-3  # the finetune baseline trains every weight: a smaller step

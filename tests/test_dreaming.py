@@ -212,7 +212,7 @@ def test_replay_targets_are_the_models_own_greedy_beliefs(model):
 def test_sleep_writes_the_rewarded_dreams_of_every_round():
   """run_day('sleep') writes what every round rewarded (weights kept), not the last round's only."""
   class FakeDreamer:  # round r dreams two texts of token r; the first of each is rewarded
-    cfg = SimpleNamespace(dreaming=SimpleNamespace(rounds=2))
+    cfg = SimpleNamespace(dreaming=SimpleNamespace(rounds=2, generator="carried", memory=0))
     rests, written = [], None
 
     def sleep_round(self, params, gen, opt, day, rng, np_rng, *, rest):
@@ -220,12 +220,12 @@ def test_sleep_writes_the_rewarded_dreams_of_every_round():
       r = len(self.rests) - 1
       return gen, opt, jnp.full((2, 3), r), jnp.ones((2, 3), jnp.int32), jnp.array([1.0, 0.0])
 
-    def write_expert(self, params, tokens, mask, weights, rng, day):
+    def write_expert(self, params, tokens, mask, weights, rng, day, memory=None):
       self.written = (np.asarray(tokens), np.asarray(weights))
       return params
 
   d = FakeDreamer()
-  _, _, _, info = run_day(d, "sleep", {}, None, None, 0, 0)
+  _, info = run_day(d, "sleep", {"params": {}, "gen": None, "opt": None}, 0, 0)
   tokens, weights = d.written
   assert d.rests == [True, True, False] and info["rewarded_dreams"] == [1.0, 1.0, 1.0]
   assert tokens[:, 0].tolist() == [0, 0, 1, 1, 2, 2] and weights.tolist() == [1, 0, 1, 0, 1, 0]
@@ -280,3 +280,137 @@ def test_reading_replay_rows_are_the_dreams_back_in_context(model):
   np.testing.assert_array_equal(rows[:, P:][kept], np.asarray(tokens)[:, 1:][kept])
   pred = np.asarray(jnp.argmax(nnx.merge(graphdef, params)(jnp.asarray(rows[:, :-1]))[0], -1))
   np.testing.assert_array_equal(pred[mask[:, 1:] == 1], rows[:, 1:][mask[:, 1:] == 1])
+
+
+def _tiny(model, *overrides):
+  cfg = load_config(DREAM_TINY, list(overrides))
+  return cfg, model[1], model[2], DayWorld(**cfg.dreaming.world)
+
+
+@pytest.mark.parametrize("generator", ["per_day", "carried"])
+def test_per_day_generator_starts_every_night_fresh(model, generator):
+  """dreaming.generator=per_day: each night's first round sees a fresh generator LoRA and
+  Adam state (what day 0 starts from), whatever earlier nights' ReST-EM did; carried: the
+  last night's."""
+  from sleep_jax.dreaming.harness import Dreamer
+  cfg, graphdef, params, world = _tiny(model, f"dreaming.generator={generator}", "dreaming.memory=0")
+
+  class Recorder(Dreamer):
+    seen = []
+
+    def sleep_round(self, params, gen, opt, day, rng, np_rng, *, rest):
+      self.seen.append((day, gen, opt))  # ReST-EM stand-in: every round moves the adapter and its state
+      gen, opt = jax.tree.map(lambda x: x + 1.0, gen), jax.tree.map(lambda x: x + 1 if hasattr(x, "shape") else x, opt)
+      t, m = _dream_batch(world, 2)
+      return gen, opt, t, m, jnp.ones(2)
+
+    def write_expert(self, params, tokens, mask, weights, rng, day, memory=None):
+      return params
+
+  d = Recorder(cfg, graphdef, world)
+  fresh_gen, fresh_opt = d.fresh_generator(params, 7)
+  state = {"params": params, "gen": fresh_gen, "opt": fresh_opt}
+  ends = []
+  for day in range(2):
+    state, _ = run_day(d, "sleep", state, day, 7)
+    ends.append((state["gen"], state["opt"]))
+  starts = [(g, o) for i, (day, g, o) in enumerate(d.seen) if i % (cfg.dreaming.rounds + 1) == 0]
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(starts[0], (fresh_gen, fresh_opt))
+  assert same(starts[1], (fresh_gen, fresh_opt)) == (generator == "per_day")
+  if generator == "carried":
+    assert same(starts[1], ends[0])
+
+
+def test_memory_keeps_weighted_dreams_covering_pairs_and_rehearses_greedy_beliefs(model):
+  """remember keeps only rows of weight > 0, at most `memory`, covering the night's distinct
+  (entity, relation) pairs; a later write rehearses those rows with the model's greedy
+  beliefs as targets (weight 1), empty slots weigh nothing."""
+  from sleep_jax.dreaming.harness import Dreamer
+  cfg, graphdef, params, world = _tiny(model, "dreaming.memory=2", "dreaming.replay=0", "dreaming.reading_replay=false",
+                                       "dreaming.rotate=false")
+  d = Dreamer(cfg, graphdef, world)
+  tokens, mask = _dream_batch(world, 5, seed=2)
+  # Row 3 repeats row 1's pairs: after row 1 (or 3) it adds nothing, so the other is never picked.
+  tokens = tokens.at[3].set(tokens[1])
+  weights = jnp.array([0.0, 1.0, 0.0, 1.0, 1.0])
+  mem = d.remember(d.empty_memory(), tokens, weights, 0, np.random.default_rng(0))
+  assert mem["tokens"].shape[0] == world.days * 2
+  kept = {tuple(r) for r in np.asarray(mem["tokens"][:2])}
+  assert np.asarray(mem["weights"]).tolist() == [1, 1, 0, 0]
+  assert tuple(np.asarray(tokens[4])) in kept and len(kept) == 2 and tuple(np.asarray(tokens[0])) not in kept
+  mem = d.remember(mem, tokens[4:], jnp.ones(1), 1, np.random.default_rng(0))  # a night with one row: one slot left empty
+  assert np.asarray(mem["weights"]).tolist() == [1, 1, 1, 0]
+  seen = {}
+  d.sft_expert = lambda p, t, m, trainable, rng: seen.update(t=np.asarray(t), m=np.asarray(m)) or p
+  night, nmask = _dream_batch(world, 3, seed=9)
+  d.write_expert(params, night, nmask, jnp.ones(3), jax.random.key(0), 1, mem)
+  n = night.shape[0]
+  mtok, mmask = D.closed_book(mem["tokens"][:, 1:], d.attr_mask)
+  span = int(np.asarray(mmask[0]).sum())
+  want = np.asarray(jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span))(mtok, mmask))
+  np.testing.assert_array_equal(seen["t"][:n], np.asarray(night))
+  np.testing.assert_array_equal(seen["t"][n:], want)
+  assert (want != np.asarray(mem["tokens"])).any()  # an untrained model's beliefs are not the dreamed attributes
+  np.testing.assert_array_equal(seen["m"][n:], np.asarray(mmask) * np.asarray(mem["weights"])[:, None])
+
+
+def test_dream_memory_survives_a_resume_and_day_two_matches(model, tmp_path, monkeypatch):
+  """A run stopped after day 1 and resumed gives day 2 bit-identical to an uninterrupted run:
+  params, generator and the dream memory (day 1's rows carried through the checkpoint)."""
+  from sleep_jax.checkpoint import Checkpointer
+  from sleep_jax.dreaming import run as run_mod
+  from sleep_jax.dreaming.harness import Dreamer
+  over = ("dreaming.write_steps=1", "dreaming.memory=2", "dreaming.replay=0", "dreaming.reading_replay=false",
+          "dreaming.rotate=false")
+  cfg_a, graphdef, params, world = _tiny(model, f"run_dir={tmp_path / 'a'}", *over)
+  cfg_b = load_config(DREAM_TINY, [f"run_dir={tmp_path / 'b'}", *over])
+
+  class CheapDreams(Dreamer):  # the real write and memory; dreams drawn from rng (no sampler to compile)
+    def dream(self, params, gen, day, rng):
+      t, m = _dream_batch(world, 4, seed=int(jax.random.randint(rng, (), 0, 1 << 30)))
+      return t, m, jnp.zeros(4)
+
+  d = CheapDreams(cfg_a, graphdef, world)
+  run_mod.run_method(cfg_a, world, d, "dream", params)
+
+  real = run_mod.run_day
+
+  def stop_on_day_two(dreamer, method, state, day, seed):
+    if day == 1:
+      raise KeyboardInterrupt("stopped after day 1")
+    return real(dreamer, method, state, day, seed)
+
+  monkeypatch.setattr(run_mod, "run_day", stop_on_day_two)
+  with pytest.raises(KeyboardInterrupt):
+    run_mod.run_method(cfg_b, world, d, "dream", params)
+  monkeypatch.setattr(run_mod, "run_day", real)
+  d.cfg = cfg_b
+  run_mod.run_method(cfg_b, world, d, "dream", params)
+
+  def final(cfg):
+    mdir = os.path.join(cfg.run_dir, "methods", "dream", "seed0")
+    gen, opt = d.fresh_generator(params, run_mod.dream_seed(cfg, 0))
+    init = {"params": params, "gen": gen, "opt": opt, "memory": d.empty_memory()}
+    ck = Checkpointer(mdir, keep=1, async_save=False)
+    step, state, _ = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), init))
+    ck.close()
+    return step, state, json.loads(open(os.path.join(mdir, "day1.json")).read())
+
+  (sa, a, ja), (sb, b, jb) = final(cfg_a), final(cfg_b)
+  assert sa == sb == world.days
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert ja["day_accuracy"] == jb["day_accuracy"] and ja["old_accuracy"] == jb["old_accuracy"]
+  w = np.asarray(a["memory"]["weights"]).reshape(world.days, 2)
+  assert (w > 0).all()  # both nights' rows kept, the first night's through the checkpoint
+
+
+@pytest.mark.parametrize("key,value,says", [("generator", "both", "use 'per_day' or 'carried'"),
+                                            ("memory", "-1", "need memory >= 0")])
+def test_bad_generator_or_memory_is_one_config_error_naming_the_key(key, value, says):
+  from sleep_jax.config import ConfigError
+  from sleep_jax.dreaming.run import _check
+  with pytest.raises(ConfigError, match=f"dreaming.{key}'.*{says}"):
+    _check(load_config(DREAM_TINY, [f"dreaming.{key}={value}"]))
+  _check(load_config(DREAM_TINY))  # the defaults pass

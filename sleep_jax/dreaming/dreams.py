@@ -13,8 +13,9 @@
   only the rank-r products are per copy; gradients are taken w.r.t. the adapter alone.
   Reward 1 iff the copy's closed-book accuracy on the day's probes beats the base model's
   (the task evaluation tau).
-* ReST-EM: the generator (the model plus its own LoRA adapter, kept across days) is
-  fine-tuned on `passage QUERY dream` for the rewarded dreams only.
+* ReST-EM: the generator (the model plus its own LoRA adapter: fresh every day with
+  `dreaming.generator=per_day`, kept across days with `carried`) is fine-tuned on
+  `passage QUERY dream` for the rewarded dreams only.
 
 Every pass of the model over a row here is `models.forward` with the run's config, the
 forward the base model was trained with (Trainer): for a model that sleeps (GDN layers and

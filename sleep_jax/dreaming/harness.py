@@ -11,7 +11,15 @@ for the old facts. Methods:
             copies (vmapped) -> reward -> ReST-EM on the generator's LoRA; then a last
             dream/select/reward pass, and the rewarded dreams of every round (the night's
             useful dreams, not only the last round's) are written into a new slow-level
-            expert (expansion: every other weight stays bit-identical)
+            expert (expansion: every other weight stays bit-identical). With
+            `dreaming.generator=per_day` the generator's LoRA and its optimizer start fresh
+            every day (trained on that night's passage only); `carried` keeps them.
+
+Dream memory (`dreaming.memory`, dream and sleep alike): after each night up to `memory` of
+its closed-book dreams of weight > 0 (sleep: the rewarded ones) join the method's state, a
+fixed buffer of `days * memory` rows checkpointed with it; every later write rehearses them
+with the model's current greedy beliefs as targets, so later days' experts keep what
+earlier nights taught (the passage itself is evicted and never kept).
 """
 
 from __future__ import annotations
@@ -101,6 +109,45 @@ class Dreamer:
                                                 batch=dc.write_batch, cfg=cfg))
     self.sft_all = jax.jit(functools.partial(sft_loop, graphdef, lr=dc.finetune_lr, steps=dc.write_steps, cfg=cfg))
 
+  # -- per-method state carried across days ------------------------------------------------
+  def fresh_generator(self, params, seed: int) -> tuple[dict, object]:
+    """The generator's LoRA (B = 0: the model itself) and a fresh ReST-EM optimizer state;
+    the same draw on every call for one dreaming seed."""
+    gen = lora_lib.init(params, self.roles, rng_streams.key(seed, "dreaming/generator_lora"),
+                        self.cfg.dreaming.lora_rank)
+    return gen, self.rest_tx.init(gen)
+
+  def empty_memory(self) -> dict:
+    """The dream memory: tokens [days * max(memory, 1), 1 + dream_len] (closed-book rows) and
+    weights (0: an empty row). A fixed shape, so a day's checkpoint restores it."""
+    n = self.world.days * max(self.cfg.dreaming.memory, 1)
+    return {"tokens": jnp.zeros((n, 1 + self.world.dream_len), jnp.int32), "weights": jnp.zeros((n,), jnp.float32)}
+
+  def remember(self, memory: dict, tokens, weights, day: int, np_rng: np.random.Generator) -> dict:
+    """Day `day`'s slot of the memory: up to `memory` of the night's closed-book rows with
+    weight > 0, picked greedily to cover the most distinct (entity, relation) pairs not yet
+    covered (ties in random order); fewer rows if the night had fewer."""
+    M = self.cfg.dreaming.memory
+    if not M:
+      return memory
+    tokens, weights = np.asarray(tokens), np.asarray(weights)
+    cand = np.flatnonzero(weights > 0)
+    cand = cand[np_rng.permutation(len(cand))]
+    S = self.world.stmt_len
+    stmts = tokens[:, 1:].reshape(tokens.shape[0], -1, S)
+    pairs = {i: {(int(a), int(b)) for a, b in stmts[i, :, 1:3]} for i in cand}
+    covered, picked = set(), []
+    for _ in range(min(M, len(cand))):
+      rest = [i for i in cand if i not in picked]
+      best = max(rest, key=lambda i: len(pairs[i] - covered))  # first maximum: the random order breaks ties
+      picked.append(best)
+      covered |= pairs[best]
+    rows = np.zeros((M, tokens.shape[1]), np.int32)
+    w = np.zeros((M,), np.float32)
+    rows[:len(picked)], w[:len(picked)] = tokens[picked], 1.0
+    sl = slice(day * M, (day + 1) * M)
+    return {"tokens": memory["tokens"].at[sl].set(jnp.asarray(rows)), "weights": memory["weights"].at[sl].set(w)}
+
   # -- one day of each method -------------------------------------------------------------
   def dream(self, params, gen, day: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(closed-book tokens [m, T], masks [m, T], importance [m]) of m fresh dreams."""
@@ -131,7 +178,7 @@ class Dreamer:
         gen, opt = self.rest_step(params, gen, opt, prompt, tokens[:, 1:], weights)
     return gen, opt, tokens, mask, weights
 
-  def write_expert(self, params, tokens, mask, weights, rng, day: int):
+  def write_expert(self, params, tokens, mask, weights, rng, day: int, memory: dict | None = None):
     """Write dreams into a newly activated slow-level expert (only it trains).
 
     Two kinds of generative replay ride along, both the model's own text with its own
@@ -139,7 +186,9 @@ class Dreamer:
     * `dreaming.replay` closed-book texts it writes from nothing (its old facts);
     * with `dreaming.reading_replay`, every dream of the night in context (the day's passage,
       then the dream): a closed-book write otherwise also changes how the model reads, and
-      the next day's dreams come out wrong.
+      the next day's dreams come out wrong;
+    * `memory`: earlier nights' kept dreams (run_day's dream memory), relabelled the same
+      way, so this day's expert does not overwrite what earlier days' experts taught.
     With `dreaming.write_targets=statements` a closed-book text's whole statements are
     targets (as in pre-training), not only their attributes: the model then writes these
     facts unprompted, so the next nights' generative replay rehearses them too. With
@@ -154,6 +203,11 @@ class Dreamer:
       replay = self.relabel(params, replay, rmask)
       tokens, mask = jnp.concatenate([tokens, replay]), jnp.concatenate([mask, rmask])
       weights = jnp.concatenate([weights, jnp.ones(replay.shape[0], weights.dtype)])
+    if memory is not None and dc.memory:  # empty rows too (weight 0): one compiled write for every day
+      mtok, mmask = D.closed_book(memory["tokens"][:, 1:], self.attr_mask)
+      tokens = jnp.concatenate([tokens, self.relabel(params, mtok, mmask)])
+      mask = jnp.concatenate([mask, mmask])
+      weights = jnp.concatenate([weights, memory["weights"].astype(weights.dtype)])
     if dc.write_targets == "statements":  # the entity too: later nights' replay then recalls these facts
       mask = jnp.broadcast_to((jnp.arange(mask.shape[1]) > 0).astype(mask.dtype), mask.shape)
     if dc.rotate:  # every statement at every position, as the probes ask at the first
@@ -191,29 +245,38 @@ class Dreamer:
     return float(self.probe(params, jnp.asarray(probes), jnp.asarray(pmask))[0])
 
 
-def run_day(dreamer: Dreamer, method: str, params, gen, opt, day: int, seed: int):
-  """One day of `method`: returns (params, gen, opt, info)."""
+def run_day(dreamer: Dreamer, method: str, state: dict, day: int, seed: int):
+  """One day of `method` on its state {params, gen, opt, memory}: returns (state, info)."""
   dc = dreamer.cfg.dreaming
+  params, gen, opt, memory = state["params"], state["gen"], state["opt"], state.get("memory")
   rng = jax.random.fold_in(rng_streams.key(seed, "dreaming/day"), day)
   np_rng = rng_streams.numpy(seed, "dreaming/day/select", day)
   info: dict = {}
+  night = None
   if method == "finetune":
     params = dreamer.finetune(params, day)
   elif method == "dream":
     tokens, mask, _ = dreamer.dream(params, None, day, rng)
-    params = dreamer.write_expert(params, tokens, mask, jnp.ones(tokens.shape[0]), rng_streams.fold(rng, "write"), day)
+    night = (tokens, jnp.ones(tokens.shape[0]))
+    params = dreamer.write_expert(params, tokens, mask, night[1], rng_streams.fold(rng, "write"), day, memory)
   elif method == "sleep":
-    rewarded, night = [], []
+    if dc.generator == "per_day":  # tonight's ReST-EM starts from the model itself
+      gen, opt = dreamer.fresh_generator(params, seed)
+    rewarded, rounds = [], []
     for r in range(dc.rounds + 1):  # the last pass only collects dreams, with no ReST step
       gen, opt, tokens, mask, weights = dreamer.sleep_round(params, gen, opt, day, jax.random.fold_in(rng, r), np_rng,
                                                             rest=r < dc.rounds)
       rewarded.append(float(weights.sum()))
-      night.append((tokens, mask, weights))
+      rounds.append((tokens, mask, weights))
     info["rewarded_dreams"] = rewarded
     # Unrewarded rows have weight 0: no loss (and never drawn by a minibatched write).
-    tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*night))
-    params = dreamer.write_expert(params, tokens, mask, weights, rng_streams.fold(rng, "write"), day)
-  return params, gen, opt, info
+    tokens, mask, weights = (jnp.concatenate(parts) for parts in zip(*rounds))
+    night = (tokens, weights)
+    params = dreamer.write_expert(params, tokens, mask, weights, rng_streams.fold(rng, "write"), day, memory)
+  if night is not None and memory is not None and dc.memory:
+    memory = dreamer.remember(memory, *night, day, rng_streams.numpy(seed, "dreaming/day/memory", day))
+    info["memory_rows"] = int(np.sum(np.asarray(memory["weights"]) > 0))
+  return {"params": params, "gen": gen, "opt": opt, "memory": memory}, info
 
 
 def vmap_speedup(dreamer: Dreamer, params, day: int, seed: int) -> dict:

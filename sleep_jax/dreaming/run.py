@@ -6,7 +6,7 @@ RUN_DIR/
                            for a sleeping hybrid, across the passage's eviction) and closed-book
   vmap_speedup.json        isolated copies: vmapped vs a sequential loop, same dreams
   methods/<m>/seed<s>/day<d>.json  accuracy on every day's facts and on the old facts after day d
-  methods/<m>/seed<s>/checkpoints  params, generator adapter and its optimizer after each day
+  methods/<m>/seed<s>/checkpoints  params, generator adapter, its optimizer and the dream memory after each day
   results.json / .md / .png        per method: the mean over dreaming seeds, their spread, each seed
 """
 
@@ -28,7 +28,6 @@ from sleep_jax.checkpoint import Checkpointer
 from sleep_jax.config import Config, ConfigError
 from sleep_jax.data.days import DayWorld
 from sleep_jax.data.facts import world_from_config
-from sleep_jax.dreaming import lora as lora_lib
 from sleep_jax.dreaming import dreams as D
 from sleep_jax.dreaming import report
 from sleep_jax.dreaming.harness import METHODS, Dreamer, run_day, vmap_speedup
@@ -52,6 +51,10 @@ def _check(cfg: Config) -> DayWorld:
   dc = cfg.dreaming
   if dc.write_targets not in ("attributes", "statements"):
     raise ConfigError("bad value for config key 'dreaming.write_targets': use 'attributes' or 'statements'")
+  if dc.generator not in ("per_day", "carried"):
+    raise ConfigError("bad value for config key 'dreaming.generator': use 'per_day' or 'carried'")
+  if dc.memory < 0:
+    raise ConfigError("bad value for config key 'dreaming.memory': need memory >= 0 (0: off)")
   if dc.seeds < 1:
     raise ConfigError("bad value for config key 'dreaming.seeds': need at least 1")
   if dc.top_k + dc.random_extra > dc.dreams or dc.top_k < 1:
@@ -116,18 +119,15 @@ def run_method(cfg: Config, world: DayWorld, dreamer: Dreamer, method: str, base
   mdir = os.path.join(cfg.run_dir, "methods", method, f"seed{s}")
   os.makedirs(mdir, exist_ok=True)
   seed = dream_seed(cfg, s)
-  init = {"params": base_params,
-          "gen": lora_lib.init(base_params, dreamer.roles, rng_streams.key(seed, "dreaming/generator_lora"),
-                               cfg.dreaming.lora_rank)}
-  init["opt"] = dreamer.rest_tx.init(init["gen"])
+  gen, opt = dreamer.fresh_generator(base_params, seed)
+  init = {"params": base_params, "gen": gen, "opt": opt, "memory": dreamer.empty_memory()}
   ck = Checkpointer(mdir, keep=1, async_save=False)
   restored = ck.restore_latest(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), init))
   done, state = (0, init) if restored is None else (restored[0], restored[1])
   for day in range(done, world.days):
     t0 = time.perf_counter()
-    params, gen, opt, info = run_day(dreamer, method, state["params"], state["gen"], state["opt"], day, seed)
-    jax.block_until_ready(params)  # dispatch is asynchronous: time the work, not its scheduling
-    state = {"params": params, "gen": gen, "opt": opt}
+    state, info = run_day(dreamer, method, state, day, seed)
+    params = jax.block_until_ready(state["params"])  # dispatch is asynchronous: time the work, not its scheduling
     row = {"day": day, "wall_s": time.perf_counter() - t0, **info,
            "day_accuracy": [dreamer.accuracy(params, world.day_pairs(d)) for d in range(world.days)],
            "old_accuracy": dreamer.accuracy(params, world.old_pairs())}
