@@ -348,7 +348,7 @@ def test_memory_keeps_weighted_dreams_covering_pairs_and_rehearses_greedy_belief
   n = night.shape[0]
   mtok, mmask = D.closed_book(mem["tokens"][:, 1:], d.attr_mask)
   span = int(np.asarray(mmask[0]).sum())
-  want = np.asarray(jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span))(mtok, mmask))
+  want = np.asarray(jax.jit(lambda t, m: D.greedy_targets(graphdef, params, t, m, span=span, cfg=cfg))(mtok, mmask))
   np.testing.assert_array_equal(seen["t"][:n], np.asarray(night))
   np.testing.assert_array_equal(seen["t"][n:], want)
   assert (want != np.asarray(mem["tokens"])).any()  # an untrained model's beliefs are not the dreamed attributes
