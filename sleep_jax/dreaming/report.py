@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+from sleep_jax import results_table
+
 COLUMNS = ("method", "new_accuracy", "old_accuracy", "backward_transfer", "forgetting", "wall_s")
 
 
 def markdown(rows: list[dict], speed: dict | None = None, reading: dict | None = None) -> str:
   """The results table; with several dreaming seeds a cell reads `mean ± std`."""
-  def cell(r, c):
-    v = r.get(c, "")
-    if not isinstance(v, float):
-      return str(v)
-    std = r.get(f"{c}_std")
-    return f"{v:.3f} ± {std:.3f}" if std is not None and r.get("seeds", 1) > 1 else f"{v:.3f}"
-
-  seeds = max(r.get("seeds", 1) for r in rows)
-  lines = [f"Mean ± standard deviation over {seeds} dreaming seeds (one base model).", ""] if seeds > 1 else []
-  lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
+  lines = results_table.table(rows, COLUMNS, "dreaming seeds (one base model)")
   if speed:
     lines += ["", f"Isolated copies: vmapped vs a sequential loop, speed-up {speed['speedup']:.2f}x "
                   f"({speed['copies']} copies; {speed['vmapped_s']:.3f} s vs {speed['sequential_s']:.3f} s)."]

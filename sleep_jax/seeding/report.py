@@ -5,23 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+from sleep_jax import results_table
+
 COLUMNS = ("method", "accuracy", "new_accuracy", "old_accuracy", "divergence_to_teacher", "wall_s")
 
 
 def markdown(rows: list[dict]) -> str:
   """The results table; with several seeds a cell reads `mean ± std`."""
-  def cell(r, c):
-    v = r.get(c, "")
-    if not isinstance(v, float):
-      return str(v)
-    std = r.get(f"{c}_std")
-    return f"{v:.3f} ± {std:.3f}" if std is not None and r.get("seeds", 1) > 1 else f"{v:.3f}"
-
-  seeds = max(r.get("seeds", 1) for r in rows)
-  lines = [f"Mean ± standard deviation over {seeds} seeds (each its own teacher, student and samples).", ""] \
-      if seeds > 1 else []
-  lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
+  lines = results_table.table(rows, COLUMNS, "seeds (each its own teacher, student and samples)")
   return "\n".join(lines) + "\n"
 
 
