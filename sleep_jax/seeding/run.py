@@ -44,9 +44,9 @@ def _timed(path: str, fn):
 def expansion_slots(params, param_roles, level: int, n: int) -> list[int]:
   """The slots a consolidation trains: the student's new expert (the last active slot of
   `level`) and the next n - 1 free ones."""
-  host = jax.device_get(params)
-  first = expand.active_slots(host, param_roles, level)[-1]
-  free = [e for e in range(roles.expert_slots(param_roles)) if e not in expand.active_slots(host, param_roles, level)]
+  active = expand.active_slots(jax.device_get(params), param_roles, level)
+  first = active[-1]
+  free = [e for e in range(roles.expert_slots(param_roles)) if e not in active]
   if len(free) < n - 1:
     raise ConfigError(f"bad value for config key 'seeding.experts': {n} experts asked, the student's slow level has "
                       f"{len(free) + 1} slots left (model.cms.experts)")
