@@ -194,6 +194,10 @@ class SeedingConfig:
   lr: float = 3.0e-3
   batch_size: int = 32  # prompts per consolidation step
   samples: int = 2048  # teacher-sampled dataset D
+  # which facts D's prompts ask about: all (every fact the teacher knows, old ones rehearsed)
+  # or new (only the pending fast-level update's facts: consolidation then sees nothing old,
+  # which is what parameter expansion protects)
+  sample_facts: str = "all"
   sample_temperature: float = 1.0
   lam: float = 0.5  # lambda: share of the distillation loss on student-generated sequences
   # lambda ramps linearly from 0 to `lam` over this many steps (ks, no_imitation, no_expansion):

@@ -29,7 +29,9 @@ log = logging.getLogger("sleep_jax")
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.profile_steps", "train.peak_flops_per_device",
                      "checkpoint.", "mesh.", "distributed.", "data.prefetch", "data.data_dir",
-                     "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods")
+                     "seeding.student_mesh.", "seeding.methods", "seeding.eval_every", "dreaming.methods",
+                     # seed s of a dreaming run depends on (seed, s) only: more seeds add seed dirs
+                     "dreaming.seeds")
 
 
 def check_saved_config(cfg: config_lib.Config) -> None:

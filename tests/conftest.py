@@ -1,6 +1,9 @@
 """Tests run on the CPU with 8 fake devices; the flag must be set before JAX is imported."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Fake devices are threads of one process: on a loaded 2-core machine one of them can reach a
 # collective long after the others, past XLA's default 40 s "stuck" limit (which aborts).
@@ -33,8 +36,18 @@ def tiny_overrides(data_dir, tmp_path):
           "data.eval_examples=64", "train.eval_batches=2"]
 
 
+# The end-to-end tests start many `sleep-jax` processes that compile the same programs (a run
+# and its resume, a reference and a killed copy): one persistent compilation cache per test
+# worker lets the later ones load them instead of compiling again (an executable loaded from
+# the cache is the one compiled, so bit-identical resumes stay bit-identical).
+JAX_CACHE = tempfile.mkdtemp(prefix=f"sleep_jax_tests_jax_cache_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_")
+atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
+
+
 def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}"
   env["JAX_PLATFORMS"] = "cpu"
+  env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
   return env

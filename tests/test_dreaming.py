@@ -187,8 +187,17 @@ def test_dream_cli_runs_resumes_and_rejects_bad_methods(tmp_path):
   base = rows[0]
   assert base["backward_transfer"] == 0.0 and base["forgetting"] == 0.0  # no update, nothing moves
   assert (run / "results.png").exists() and (run / "methods/sleep/seed0/day1.json").exists()
+  reading_mtime = (run / "base_reading.json").stat().st_mtime_ns
   again = subprocess.run(cmd, env=subprocess_env(2), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and json.loads((run / "results.json").read_text()) == rows
+  assert (run / "base_reading.json").stat().st_mtime_ns == reading_mtime  # measured once, read back on resume
+  # More dreaming seeds on a finished run: seed 0 is read back, seed 1 added (no refusal).
+  more = subprocess.run(cmd + ["dreaming.methods=[base]", "dreaming.seeds=2"], env=subprocess_env(2), cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert more.returncode == 0, more.stderr[-3000:]
+  (grown,) = json.loads((run / "results.json").read_text())
+  assert grown["seeds"] == 2 and grown["per_seed"][0] == base["per_seed"][0]
+  assert (run / "methods/base/seed1/day1.json").exists()
   bad = subprocess.run(cmd + ["dreaming.methods=[base,nap]"], env=subprocess_env(2), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode == 2 and "unknown method 'nap'" in bad.stderr and "Traceback" not in bad.stderr

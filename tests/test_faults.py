@@ -173,7 +173,10 @@ def test_failed_save_stops_at_once_with_its_code_and_the_last_checkpoint_restore
   finally:
     undo()
   assert p.returncode == exit_codes.SAVE_FAILED, p.stderr[-3000:]
-  assert wall < 30, wall  # start-up (~5 s) + the failed save + leaving orbax's threads; never a hang
+  # "At once": no step after the failed save ran, and leaving orbax's threads did not hang
+  # (start-up is ~5 s on an idle machine; the bound is loose for a loaded one).
+  assert max(logged_steps(copy)) <= 6, logged_steps(copy)
+  assert wall < 90, wall
   line = error_line(p.stderr)
   assert line.startswith("error: checkpoint save at step 6 failed") and "last good checkpoint (step 4)" in line
   assert steps_of(copy) == [2, 4]

@@ -13,7 +13,8 @@ import pytest
 from conftest import REPO, TINY, subprocess_env
 from sleep_jax.checkpoint import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 
-pytestmark = pytest.mark.slow
+# One worker: the module-scoped reference run is then trained once, not once per xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("resume")]
 
 
 def cmd(overrides):

@@ -19,6 +19,7 @@ from sleep_jax.config import ConfigError, load_config
 from sleep_jax.models import model_factory, roles
 from sleep_jax.seeding import distill, expand, imitate, steps
 from sleep_jax.seeding import report
+from sleep_jax.seeding.methods import check_methods
 from sleep_jax.seeding import run as seed_run
 from sleep_jax.seeding.pipeline import ModelOnMesh
 from sleep_jax.train import Trainer
@@ -241,3 +242,20 @@ def test_over_seeds_reports_mean_and_spread_per_method():
   assert row["new_accuracy"] == 0.5 and row["new_accuracy_std"] == 0.25 and row["old_accuracy_std"] == 0.0
   assert [r["new_accuracy"] for r in row["per_seed"]] == [0.25, 0.75]
   assert "0.500 ± 0.250" in report.markdown([row])
+
+
+@pytest.mark.parametrize("which", ["all", "new"])
+def test_teacher_samples_prompt_the_chosen_facts(tmp_path, which):
+  from sleep_jax.data.facts import FactWorld
+  from sleep_jax.seeding.pipeline import teacher_samples
+  cfg = _cfg(f"run_dir={tmp_path}", "seeding.samples=64", f"seeding.sample_facts={which}")
+  world = FactWorld(**cfg.seeding.facts)
+  t = ModelOnMesh(cfg, shd.make_mesh(cfg.mesh))
+  d = teacher_samples(cfg, world, t, t.init(0))
+  assert d["tokens"].shape[0] == 64 and (tmp_path / "teacher_samples.npz").exists()
+  entities = set((d["tokens"][:, 1] - world.ent(0)).tolist())
+  assert entities <= set(world.entities(which).tolist())
+  old = set(world.entities("old").tolist())
+  assert (entities & old) if which == "all" else not (entities & old)
+  with pytest.raises(ConfigError, match="seeding.sample_facts"):
+    check_methods(_cfg("seeding.sample_facts=old").seeding)

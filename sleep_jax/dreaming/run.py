@@ -177,14 +177,23 @@ def run_dream(cfg: Config) -> tuple[list[dict], dict]:
 
 def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dict], dict]:
   base_params = pretrain(cfg, world, trainer)
-  reading = base_reading(cfg, world, trainer.graphdef, base_params)
+  reading_path = os.path.join(cfg.run_dir, "base_reading.json")
+  reading = None
+  if os.path.exists(reading_path):  # a resumed run: measured on this base already
+    with open(reading_path) as f:
+      reading = json.load(f)
+    if reading.get("base_steps") != cfg.train.steps:  # the base trained on since (train.steps may grow)
+      reading = None
+  if reading is None:
+    reading = {"base_steps": cfg.train.steps, **base_reading(cfg, world, trainer.graphdef, base_params)}
+    if jax.process_index() == 0:
+      with open(reading_path + ".tmp", "w") as f:
+        json.dump(reading, f, indent=2)
+      os.replace(reading_path + ".tmp", reading_path)
   log.info("base reading (in context, %s): days %.3f fresh %.3f (sleep.passes=1: days %.3f fresh %.3f); "
            "old closed-book %.3f", "across eviction, sleeping" if reading["sleeps"] else "one pass",
            reading["reading_days"], reading["reading_fresh"], reading["reading_days_passes1"],
            reading["reading_fresh_passes1"], reading["old_closed_book"])
-  if jax.process_index() == 0:
-    with open(os.path.join(cfg.run_dir, "base_reading.json"), "w") as f:
-      json.dump(reading, f, indent=2)
   dreamer = Dreamer(cfg, trainer.graphdef, world)
   speed_path = os.path.join(cfg.run_dir, "vmap_speedup.json")
   if os.path.exists(speed_path):

@@ -48,6 +48,8 @@ def check_methods(sc: SeedingConfig) -> None:
     raise ConfigError("bad value for config key 'seeding.lam_warmup': must be >= 0 (steps)")
   if sc.expert_init not in ("random", "mlp"):
     raise ConfigError(f"bad value for config key 'seeding.expert_init': {sc.expert_init!r} (use random or mlp)")
+  if sc.sample_facts not in ("all", "new"):
+    raise ConfigError(f"bad value for config key 'seeding.sample_facts': {sc.sample_facts!r} (use all or new)")
   if sc.experts < 1:
     raise ConfigError("bad value for config key 'seeding.experts': need at least 1")
   if sc.group_size < 2 or sc.batch_size % sc.group_size:

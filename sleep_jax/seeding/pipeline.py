@@ -6,7 +6,7 @@ RUN_DIR/
   teacher/fast/               one fast-level expert learns the new facts (the pending fast update)
   student_init/               the grown student: teacher expanded onto the student mesh, fast
                               experts reset, one new slow-level expert (B = 0)
-  teacher_samples.npz         D: the teacher's samples for prompts over every known fact
+  teacher_samples.npz         D: the teacher's samples for prompts over the known (or new) facts
   methods/<method>/           consolidation (checkpoints, metrics.jsonl, TensorBoard, eval.json)
   results.json / .md / .png   one row per method: accuracy (all, new, old facts),
                               divergence_to_teacher, wall_s
@@ -163,13 +163,14 @@ def _probe_tokens(cfg: Config) -> np.ndarray:
 
 
 def teacher_samples(cfg: Config, world: FactWorld, t: ModelOnMesh, teacher_params) -> dict[str, np.ndarray]:
-  """D: prompts over every known fact, answers sampled from the teacher (cached on disk)."""
+  """D: prompts over the facts of `seeding.sample_facts` (every known fact, or only the new
+  ones), answers sampled from the teacher (cached on disk)."""
   path = os.path.join(cfg.run_dir, "teacher_samples.npz")
   if os.path.exists(path):
     with np.load(path) as f:
       return {k: f[k] for k in f.files}
   sc = cfg.seeding
-  facts = world.facts("all")
+  facts = world.facts(sc.sample_facts)
   prompts = world.prompts(facts[rng_streams.numpy(cfg.seed, "seeding/teacher_samples/prompts").integers(
       0, len(facts), sc.samples)])
   key = rng_streams.key(cfg.seed, "seeding/teacher_samples/answers")
