@@ -2,7 +2,7 @@
 
 RUN_DIR/
   base/                    pre-training stage (closed-book old facts + reading)
-  base_reading.json        the base model's in-context reading accuracy (through its own forward:
+  base_reading.json        the base model's in-context reading accuracy, measured once (through its own forward:
                            for a sleeping hybrid, across the passage's eviction) and closed-book
   vmap_speedup.json        isolated copies: vmapped vs a sequential loop, same dreams
   methods/<m>/seed<s>/day<d>.json  accuracy on every day's facts and on the old facts after day d
