@@ -175,35 +175,33 @@ def run_dream(cfg: Config) -> tuple[list[dict], dict]:
     return _run_dream(cfg, world, trainer)
 
 
+def measured_once(cfg: Config, name: str, measure) -> dict:
+  """RUN_DIR/name: measure() on the base model, written once and read back on resume; measured
+  again if the base has trained on since (train.steps may grow on resume)."""
+  path = os.path.join(cfg.run_dir, name)
+  if os.path.exists(path):
+    with open(path) as f:
+      out = json.load(f)
+    if out.get("base_steps") == cfg.train.steps:
+      return out
+  out = {"base_steps": cfg.train.steps, **measure()}
+  if jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(out, f, indent=2)
+    os.replace(path + ".tmp", path)
+  return out
+
+
 def _run_dream(cfg: Config, world: DayWorld, trainer: Trainer) -> tuple[list[dict], dict]:
   base_params = pretrain(cfg, world, trainer)
-  reading_path = os.path.join(cfg.run_dir, "base_reading.json")
-  reading = None
-  if os.path.exists(reading_path):  # a resumed run: measured on this base already
-    with open(reading_path) as f:
-      reading = json.load(f)
-    if reading.get("base_steps") != cfg.train.steps:  # the base trained on since (train.steps may grow)
-      reading = None
-  if reading is None:
-    reading = {"base_steps": cfg.train.steps, **base_reading(cfg, world, trainer.graphdef, base_params)}
-    if jax.process_index() == 0:
-      with open(reading_path + ".tmp", "w") as f:
-        json.dump(reading, f, indent=2)
-      os.replace(reading_path + ".tmp", reading_path)
+  reading = measured_once(cfg, "base_reading.json", lambda: base_reading(cfg, world, trainer.graphdef, base_params))
   log.info("base reading (in context, %s): days %.3f fresh %.3f (sleep.passes=1: days %.3f fresh %.3f); "
            "old closed-book %.3f", "across eviction, sleeping" if reading["sleeps"] else "one pass",
            reading["reading_days"], reading["reading_fresh"], reading["reading_days_passes1"],
            reading["reading_fresh_passes1"], reading["old_closed_book"])
   dreamer = Dreamer(cfg, trainer.graphdef, world)
-  speed_path = os.path.join(cfg.run_dir, "vmap_speedup.json")
-  if os.path.exists(speed_path):
-    with open(speed_path) as f:
-      speed = json.load(f)
-  else:
-    speed = vmap_speedup(dreamer, base_params, 0, rng_streams.seed(cfg.seed, "dreaming/vmap_speedup"))
-    if jax.process_index() == 0:
-      with open(speed_path, "w") as f:
-        json.dump(speed, f, indent=2)
+  speed = measured_once(cfg, "vmap_speedup.json", lambda: vmap_speedup(
+      dreamer, base_params, 0, rng_streams.seed(cfg.seed, "dreaming/vmap_speedup")))
   log.info("isolated copies: vmapped vs a sequential loop, speed-up %.2fx (%d copies, max |diff| %.1e)",
            speed["speedup"], speed["copies"], speed["max_abs_diff"])
   rows = [over_seeds([run_method(cfg, world, dreamer, m, base_params, s) for s in range(cfg.dreaming.seeds)])
