@@ -208,6 +208,9 @@ class SeedingConfig:
   # random: the experts' input projections A as initialised; mlp: A copies gate columns of the
   # level's own MLP (keys the layer already computes; exact, B = 0): see expand.init_experts_from_mlp
   expert_init: str = "random"
+  # the trained experts' router bias at the start of consolidation: gate sigmoid(router_bias)
+  # on every token (0: half open). Exact for any value (B = 0); see expand.set_router_bias
+  router_bias: float = 0.0
   alpha: float = 0.5  # L_KS weight of the divergence (1 - alpha: imitation reward)
   divergence: str = "fkl"  # fkl | rkl | jsd (jsd saturates when teacher and student disagree)
   jsd_beta: float = 0.5

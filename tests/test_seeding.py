@@ -100,6 +100,20 @@ def test_experts_warm_started_from_the_mlp_preserve_logits_and_copy_its_gate_col
   chex.assert_trees_all_equal(level["mlp"], params["groups"][0]["levels"][1]["mlp"])
 
 
+def test_a_closed_router_start_preserves_logits_and_closes_only_those_gates():
+  cfg = _cfg()
+  R = roles.roles_for(cfg)
+  _, params = _params_with_trained_fast_expert(cfg)
+  for slot in (0, 1):
+    params = expand.set_expert(params, R, 1, slot, active=True)
+  closed = expand.set_router_bias(params, R, 1, [1], -4.0)
+  chex.assert_trees_all_close(_logits(cfg, closed, TOKENS), _logits(cfg, params, TOKENS), atol=0)  # B = 0
+  experts = closed["groups"][0]["levels"][1]["experts"]
+  np.testing.assert_array_equal(np.asarray(experts[1]["bias"]), -4.0)
+  np.testing.assert_array_equal(np.asarray(experts[0]["bias"]), np.asarray(params["groups"][0]["levels"][1]["experts"][0]["bias"]))
+  chex.assert_trees_all_equal(closed["groups"][0]["levels"][0], params["groups"][0]["levels"][0])
+
+
 def test_reset_level_removes_the_fast_expert():
   cfg = _cfg()
   _, params = _params_with_trained_fast_expert(cfg)

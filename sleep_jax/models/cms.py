@@ -36,7 +36,7 @@ class LowRankExpert(nnx.Module):
     self.a = param(rngs, (d_model, rank), ("embed", None), d_model ** -0.5, proj="a")
     self.b = param(rngs, (rank, d_model), (None, "embed"), 0.0, proj="b", out_proj=True)
     self.gate = param(rngs, (d_model,), ("embed",), 0.0, proj="router")  # router column
-    self.bias = param(rngs, (), (), 0.0, kind=NoDecay)
+    self.bias = param(rngs, (), (), 0.0, kind=NoDecay, proj="router_bias")
     self.active = param(rngs, (), (), 0.0, kind=ExpertFlag)  # 0/1, never trained (stop_gradient)
     tag(self, cms_part="expert", expert_slot=slot)
 

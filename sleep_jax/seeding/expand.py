@@ -51,6 +51,18 @@ def set_expert(params: dict, param_roles: dict, level: int, slot: int, *, active
   return roles.edit(params, param_roles, edit)
 
 
+def set_router_bias(params: dict, param_roles: dict, level: int, slots: list[int], bias: float) -> dict:
+  """Start the routers of experts `slots` of CMS `level` at gate sigmoid(bias) on every token
+  (their router vectors are 0). Exact for any bias while B = 0: the expert adds 0 however
+  open its gate is. A closed start (bias < 0) means an expert writes only where training
+  opens its gate, instead of at half strength on every input."""
+  def edit(r, x):
+    mine = r.cms_level == level and r.expert_slot in slots and r.proj == "router_bias"
+    return jnp.full_like(x, bias) if mine else x
+
+  return roles.edit(params, param_roles, edit)
+
+
 def init_experts_from_mlp(params: dict, param_roles: dict, level: int, slots: list[int]) -> dict:
   """Warm-start experts `slots` of CMS `level`: the input projection A of the j-th slot
   copies gate columns j*r .. (j+1)*r - 1 (mod d_ff) of the same layer's level MLP, so the

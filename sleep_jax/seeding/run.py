@@ -69,6 +69,9 @@ def consolidate(cfg: Config, name: str, t: ModelOnMesh, s: ModelOnMesh, teacher_
     if sc.expert_init == "mlp":
       params = jax.jit(functools.partial(expand.init_experts_from_mlp, param_roles=s.roles, level=slow,
                                          slots=new_slots), out_shardings=s.shardings)(params)
+    if sc.router_bias:
+      params = jax.jit(functools.partial(expand.set_router_bias, param_roles=s.roles, level=slow, slots=new_slots,
+                                         bias=sc.router_bias), out_shardings=s.shardings)(params)
     train = steps.trainable(s.roles, level=slow, slot=new_slots)
   tx = steps.masked_optimizer(train, sc.lr, sc.steps)
   # One stream for every method: they differ by method, not by their random draws.
