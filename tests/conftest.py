@@ -16,6 +16,18 @@ import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS set too late?)"
 
+# Tests compile the same programs again and again: in-process (every Trainer, every test of a
+# model builds its own jitted closures, and jit's own cache is per function object) and in the
+# `sleep-jax` processes the end-to-end tests start (a run and its resume, a reference and a
+# killed copy). One persistent compilation cache per test worker, shared by both, lets the
+# later ones load the executable instead of compiling it again (an executable loaded from the
+# cache is the one compiled, so results stay bit-identical).
+JAX_CACHE = tempfile.mkdtemp(prefix=f"sleep_jax_tests_jax_cache_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_")
+atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
+CACHE_MIN_COMPILE_S = 0.5
+jax.config.update("jax_compilation_cache_dir", JAX_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+
 
 import pytest  # noqa: E402
 
@@ -36,18 +48,10 @@ def tiny_overrides(data_dir, tmp_path):
           "data.eval_examples=64", "train.eval_batches=2"]
 
 
-# The end-to-end tests start many `sleep-jax` processes that compile the same programs (a run
-# and its resume, a reference and a killed copy): one persistent compilation cache per test
-# worker lets the later ones load them instead of compiling again (an executable loaded from
-# the cache is the one compiled, so bit-identical resumes stay bit-identical).
-JAX_CACHE = tempfile.mkdtemp(prefix=f"sleep_jax_tests_jax_cache_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_")
-atexit.register(shutil.rmtree, JAX_CACHE, ignore_errors=True)
-
-
 def subprocess_env(devices: int = 8) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}"
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(CACHE_MIN_COMPILE_S)
   return env
